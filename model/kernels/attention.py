@@ -48,3 +48,71 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         k = k.repeat_interleave(nh // nkv, dim=1)
         v = v.repeat_interleave(nh // nkv, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+
+
+# ---- decode over the engine's caches -----------------------------------------------------------
+#
+# Cache layouts (one tensor per KV-producing layer):
+#   ring  (sliding-window layers): k [S, R, nkv, d], v [S, R, nkv, dv] with R = window + 1;
+#         real token m of the sequence in slot s lives at [s, m % R].
+#   paged (global layers):         k [num_blocks, bs, nkv, d], v [num_blocks, bs, nkv, dv];
+#         real token m lives at [block_table[s, m // bs], m % bs].
+# The current token is written to the cache before attending, so a decode query reads
+# exactly: all meta tokens + its own real tokens max(0, n - window) .. n (n = ctx_len - 1).
+
+
+def decode_positions(ctx_len: torch.Tensor, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real-token positions each decode query attends: (pos [B, Tmax] long, valid [B, Tmax] bool)."""
+    n = ctx_len.long()
+    first = (n - 1 - window).clamp(min=0) if window is not None else torch.zeros_like(n)
+    count = n - first
+    tmax = int(count.max()) if count.numel() else 0
+    ar = torch.arange(tmax, device=n.device)
+    pos = first[:, None] + ar[None, :]
+    return pos, ar[None, :] < count[:, None]
+
+
+def gather_cache(cache: torch.Tensor, slot_idx: torch.Tensor, pos: torch.Tensor,
+                 block_table: torch.Tensor | None) -> torch.Tensor:
+    """Rows of a ring or paged cache at real positions pos [B, T] -> [B, T, heads, dim]."""
+    if block_table is None:
+        R = cache.shape[1]
+        return cache[slot_idx[:, None], pos % R]
+    bs = cache.shape[1]
+    blocks = block_table[slot_idx[:, None], pos // bs]
+    return cache[blocks, pos % bs]
+
+
+def attention_decode_ref(q: torch.Tensor, meta_k: torch.Tensor, meta_v: torch.Tensor,
+                         cache_k: torch.Tensor, cache_v: torch.Tensor, slot_idx: torch.Tensor,
+                         ctx_len: torch.Tensor, window: int | None,
+                         block_table: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, nh, d] (one query per sequence); meta_k [M, nkv, d], meta_v [M, nkv, dv] shared by all;
+    cache_* ring (block_table None) or paged; slot_idx [B]; ctx_len [B] = real tokens incl. the
+    current one (already written). Returns [B, nh*dv] in q.dtype, softmax in fp32."""
+    B, nh, d = q.shape
+    pos, valid = decode_positions(ctx_len, window)
+    pos = pos.where(valid, torch.zeros_like(pos))
+    k = gather_cache(cache_k, slot_idx, pos, block_table)  # [B, T, nkv, d]
+    v = gather_cache(cache_v, slot_idx, pos, block_table)
+    M = meta_k.shape[0]
+    k = torch.cat([meta_k.expand(B, *meta_k.shape), k], 1)
+    v = torch.cat([meta_v.expand(B, *meta_v.shape), v], 1)
+    mask = torch.cat([torch.ones(B, M, dtype=torch.bool, device=q.device), valid], 1)  # [B, Tk]
+    group = nh // k.shape[2]
+    kk = k.repeat_interleave(group, dim=2).permute(0, 2, 3, 1).float()  # [B, nh, d, Tk]
+    vv = v.repeat_interleave(group, dim=2).permute(0, 2, 1, 3).float()  # [B, nh, Tk, dv]
+    scores = (q.float()[:, :, None, :] @ kk).squeeze(2) * (1.0 / math.sqrt(d))  # [B, nh, Tk]
+    scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    p = torch.softmax(scores, -1)
+    out = (p[:, :, None, :] @ vv).squeeze(2)  # [B, nh, dv]
+    return out.reshape(B, -1).to(q.dtype)
+
+
+def attention_decode(q, meta_k, meta_v, cache_k, cache_v, slot_idx, ctx_len, window, block_table=None):
+    """Decode attention; Triton kernel on CUDA (no gather copies, no host sync), else the twin."""
+    from . import backend
+    if backend.use_fast(q):
+        from ._attn_decode_triton import attention_decode_triton
+        return attention_decode_triton(q, meta_k, meta_v, cache_k, cache_v, slot_idx, ctx_len, window, block_table)
+    return attention_decode_ref(q, meta_k, meta_v, cache_k, cache_v, slot_idx, ctx_len, window, block_table)

@@ -1,0 +1,138 @@
+"""The engine's cache: one spec per kind (design.md §3, hymba-architecture.md §6).
+
+- meta: the 128 meta tokens' K/V for every producer layer and their conv/SSM states, computed
+  once per model and shared read-only (never copied per request);
+- sliding-window producers: K/V in a fixed per-slot ring of ``window + 1`` entries (the current
+  token is written before it attends, so a query sees itself and the ``window`` tokens before);
+- global producers: K/V in paged blocks (one block table per slot, shared by those layers);
+- conv + SSM state: one fixed slot per sequence (SSM in fp32 by default);
+- consumer layers store nothing.
+
+Owns allocation of slots and blocks and the exact byte count (checked against costs.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import HymbaConfig
+from ..costs import cache_bytes
+from ..hymba import FullSequenceOps, HymbaForCausalLM
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    num_slots: int
+    num_blocks: int
+    block_size: int
+    dtype: torch.dtype
+    ssm_dtype: torch.dtype = torch.float32
+
+
+def plan_cache(cfg: HymbaConfig, budget_bytes: int, max_num_seqs: int, block_size: int,
+               dtype: torch.dtype, ssm_dtype: torch.dtype = torch.float32,
+               expected_context: int = 2048) -> CacheShape:
+    """Slots and blocks that fit ``budget_bytes``, sized for ``expected_context`` tokens a sequence."""
+    cb = cache_bytes(cfg, _bytes(dtype), _bytes(ssm_dtype))
+    block = cb.per_global_token * block_size
+    blocks_per_seq = -(-expected_context // block_size)
+    per_seq = cb.slot + block * blocks_per_seq
+    slots = min(max_num_seqs, max(1, (budget_bytes - cb.meta) // per_seq))
+    blocks = max(blocks_per_seq, (budget_bytes - cb.meta - slots * cb.slot) // max(block, 1))
+    if cb.meta + slots * cb.slot + blocks * block > budget_bytes:
+        raise MemoryError(f"cache budget of {budget_bytes} bytes cannot hold one sequence "
+                          f"({cb.meta + cb.slot + block * blocks_per_seq} bytes needed)")
+    return CacheShape(slots, int(blocks), block_size, dtype, ssm_dtype)
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class KVCache:
+    """All cache tensors of one engine, and the slot / block free lists."""
+
+    def __init__(self, model: HymbaForCausalLM, shape: CacheShape):
+        cfg = model.config
+        self.cfg, self.shape = cfg, shape
+        dev, dt = model.device, shape.dtype
+        S, n, E = shape.num_slots, cfg.num_hidden_layers, cfg.d_inner
+        nkv, d, dv = cfg.num_key_value_heads, cfg.head_dim, cfg.v_head_dim
+        self.ring_size = cfg.sliding_window + 1
+        self.conv = torch.zeros(n, S, E, cfg.mamba_d_conv - 1, dtype=dt, device=dev)
+        self.ssm = torch.zeros(n, S, E, cfg.mamba_d_state, dtype=shape.ssm_dtype, device=dev)
+        # producer layer -> (kind, k tensor, v tensor); consumers look up their producer
+        self.kv: dict[int, tuple[str, torch.Tensor, torch.Tensor]] = {}
+        for p in cfg.producers:
+            if cfg.is_global(p):
+                k = torch.zeros(shape.num_blocks, shape.block_size, nkv, d, dtype=dt, device=dev)
+                v = torch.zeros(shape.num_blocks, shape.block_size, nkv, dv, dtype=dt, device=dev)
+                self.kv[p] = ("paged", k, v)
+            else:
+                k = torch.zeros(S, self.ring_size, nkv, d, dtype=dt, device=dev)
+                v = torch.zeros(S, self.ring_size, nkv, dv, dtype=dt, device=dev)
+                self.kv[p] = ("ring", k, v)
+        self.max_blocks_per_seq = -(-(cfg.max_position_embeddings) // shape.block_size)
+        self.block_table = torch.zeros(S, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self._compute_meta(model)
+        self.free_slots = list(range(S - 1, -1, -1))
+        self.free_blocks = list(range(shape.num_blocks - 1, -1, -1))
+        self.blocks_of: dict[int, list[int]] = {}
+
+    # ---- meta tokens: once per model -----------------------------------------------------
+    @torch.inference_mode()
+    def _compute_meta(self, model: HymbaForCausalLM) -> None:
+        cfg = self.cfg
+        M = cfg.num_memory_tokens
+        ops = FullSequenceOps(model, M)
+        if M:
+            model.run_layers(model.model.memory_tokens.to(self.shape.dtype), ops)
+        self.meta_k, self.meta_v = {}, {}
+        nkv = cfg.num_key_value_heads
+        for p in cfg.producers:
+            k, v = ops.kv.get(p, (torch.zeros(0, nkv, cfg.head_dim, device=model.device),
+                                  torch.zeros(0, nkv, cfg.v_head_dim, device=model.device)))
+            self.meta_k[p] = k.to(self.shape.dtype, copy=True).contiguous()
+            self.meta_v[p] = v.to(self.shape.dtype, copy=True).contiguous()
+        self.meta_conv = ops.conv_state[:, 0].to(self.shape.dtype).clone()   # [n, E, K-1]
+        self.meta_ssm = ops.ssm_state[:, 0].float().clone()                 # [n, E, N] fp32
+
+    # ---- slots and blocks ----------------------------------------------------------------
+    def allocate_slot(self) -> int | None:
+        if not self.free_slots:
+            return None
+        slot = self.free_slots.pop()
+        self.conv[:, slot] = self.meta_conv
+        self.ssm[:, slot] = self.meta_ssm.to(self.shape.ssm_dtype)
+        self.blocks_of[slot] = []
+        return slot
+
+    def reserve_blocks(self, slot: int, num_tokens: int) -> bool:
+        """Make the slot's block table cover ``num_tokens`` real tokens; False if out of blocks."""
+        have = self.blocks_of[slot]
+        need = -(-num_tokens // self.shape.block_size) - len(have)
+        if need <= 0:
+            return True
+        if need > len(self.free_blocks) or len(have) + need > self.max_blocks_per_seq:
+            return False
+        new = [self.free_blocks.pop() for _ in range(need)]
+        self.block_table[slot, len(have):len(have) + need] = torch.tensor(new, dtype=torch.int32)
+        have.extend(new)
+        return True
+
+    def free(self, slot: int) -> None:
+        self.free_blocks.extend(reversed(self.blocks_of.pop(slot)))
+        self.free_slots.append(slot)
+
+    @property
+    def has_global_layers(self) -> bool:
+        return any(kind == "paged" for kind, _, _ in self.kv.values())
+
+    def nbytes(self) -> int:
+        """Bytes this cache holds on the device (slots, rings, blocks, meta, block table)."""
+        tensors = [self.conv, self.ssm, self.block_table, self.meta_conv, self.meta_ssm]
+        tensors += [t for _, k, v in self.kv.values() for t in (k, v)]
+        tensors += list(self.meta_k.values()) + list(self.meta_v.values())
+        return sum(t.numel() * t.element_size() for t in tensors)

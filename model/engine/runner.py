@@ -1,0 +1,160 @@
+"""Runs the model over one engine step: a packed varlen prefill (chunks of several sequences,
+continuing from their cached state) or a decode of one token for every running sequence.
+
+The two ``*Ops`` classes implement ``hymba.SequenceOps`` over the ``KVCache``; the layer math
+itself stays in ``hymba.py``. Decode optionally runs under CUDA graphs, one per batch bucket.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..hymba import HymbaForCausalLM, rope_cos_sin
+from ..kernels.attention import attention_decode, attention_sdpa, gather_cache
+from ..kernels.conv import causal_conv1d_update, causal_conv1d_varlen
+from ..kernels.scan import selective_scan_varlen, selective_state_update
+from .cache import KVCache
+
+
+class PrefillOps:
+    """Packed chunks: sequence b owns rows [cu[b], cu[b+1]) and has ``start[b]`` tokens cached."""
+
+    def __init__(self, cache: KVCache, slots: list[int], starts: list[int], lengths: list[int]):
+        cfg, dev = cache.cfg, cache.conv.device
+        self.cache, self.cfg = cache, cfg
+        B = len(slots)
+        self.B, self.Lmax = B, max(lengths)
+        self.slot_idx = torch.tensor(slots, dtype=torch.long, device=dev)
+        self.start = torch.tensor(starts, dtype=torch.long, device=dev)
+        self.lens = lens = torch.tensor(lengths, dtype=torch.long, device=dev)
+        self.cu = torch.zeros(B + 1, dtype=torch.int32, device=dev)
+        self.cu[1:] = lens.cumsum(0)
+        # packed row t -> (sequence b, offset i in its chunk); real position m = start[b] + i
+        self.row_b = torch.repeat_interleave(torch.arange(B, device=dev), lens)
+        self.row_i = torch.arange(int(self.cu[-1]), device=dev) - self.cu[:-1].long()[self.row_b]
+        self.row_m = self.start[self.row_b] + self.row_i
+        self.cos, self.sin = rope_cos_sin(cfg, self.row_m + cfg.num_memory_tokens, cache.shape.dtype)
+        self.q_valid = torch.arange(self.Lmax, device=dev)[None, :] < lens[:, None]  # [B, Lmax]
+        self.q_pos = self.start[:, None] + torch.arange(self.Lmax, device=dev)[None, :]
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.last_rows = self.cu[1:].long() - 1
+
+    def _keys(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Assemble [meta | cached history | this chunk] keys per sequence, padded, with a mask;
+        then write the chunk into the cache."""
+        cfg, cache = self.cfg, self.cache
+        kind, ck, cv = cache.kv[layer]
+        window = None if cfg.is_global(layer) else cfg.sliding_window
+        B, dev = self.B, k.device
+        first = self.start if window is None else (self.start - window).clamp(min=0)
+        hist_len = self.start - first
+        Hmax = int(hist_len.max())
+        ar = torch.arange(Hmax, device=dev)
+        h_pos = first[:, None] + ar[None, :]
+        h_valid = ar[None, :] < hist_len[:, None]
+        h_pos_safe = h_pos.where(h_valid, torch.zeros_like(h_pos))
+        table = cache.block_table if kind == "paged" else None
+        hk = gather_cache(ck, self.slot_idx, h_pos_safe, table)  # [B, Hmax, nkv, d]
+        hv = gather_cache(cv, self.slot_idx, h_pos_safe, table)
+        nkv = k.shape[1]
+        ck_chunk = k.new_zeros(B, self.Lmax, nkv, k.shape[2])
+        cv_chunk = v.new_zeros(B, self.Lmax, nkv, v.shape[2])
+        ck_chunk[self.row_b, self.row_i] = k
+        cv_chunk[self.row_b, self.row_i] = v
+        M = cfg.num_memory_tokens
+        mk, mv = cache.meta_k[layer], cache.meta_v[layer]
+        K = torch.cat([mk.expand(B, *mk.shape), hk, ck_chunk], 1).transpose(1, 2)  # [B, nkv, Tk, d]
+        V = torch.cat([mv.expand(B, *mv.shape), hv, cv_chunk], 1).transpose(1, 2)
+        key_pos = torch.cat([h_pos, self.q_pos], 1)                      # [B, Hmax+Lmax] real positions
+        key_ok = torch.cat([h_valid, self.q_valid], 1)
+        qp, kp = self.q_pos[:, :, None], key_pos[:, None, :]
+        vis = key_ok[:, None, :] & (kp <= qp)
+        if window is not None:
+            vis &= (qp - kp) <= window
+        meta_vis = torch.ones(B, self.Lmax, M, dtype=torch.bool, device=dev)
+        mask = torch.cat([meta_vis, vis], 2)
+        mask[:, :, 0] |= ~self.q_valid  # padded query rows see one key (no NaN rows)
+        # write the chunk into the cache (only what later queries can need)
+        if kind == "ring":
+            keep = self.row_m >= (self.start + self.lens)[self.row_b] - cache.ring_size
+            rows = keep.nonzero().squeeze(1)
+            s, m = self.slot_idx[self.row_b[rows]], self.row_m[rows] % cache.ring_size
+            ck[s, m], cv[s, m] = k[rows], v[rows]
+        else:
+            bs = cache.shape.block_size
+            blk = cache.block_table[self.slot_idx[self.row_b], self.row_m // bs].long()
+            ck[blk, self.row_m % bs], cv[blk, self.row_m % bs] = k, v
+        return K, V, mask[:, None]
+
+    def attention(self, layer, q, k, v):
+        cfg = self.cfg
+        if k is not None:
+            self.kv[layer] = self._keys(layer, k, v)
+        K, V, mask = self.kv[cfg.kv_producer[layer]]
+        qq = q.new_zeros(self.B, self.Lmax, q.shape[1], q.shape[2])
+        qq[self.row_b, self.row_i] = q
+        out = attention_sdpa(qq.transpose(1, 2), K, V, mask)  # [B, nh, Lmax, dv]
+        return out.transpose(1, 2)[self.row_b, self.row_i].reshape(q.shape[0], -1)
+
+    def conv(self, layer, s, weight, bias):
+        return causal_conv1d_varlen(s, weight, bias, self.cu, self.cache.conv[layer], self.slot_idx)
+
+    def scan(self, layer, u, delta, A, B, C, D, z, delta_bias):
+        return selective_scan_varlen(u, delta, A, B, C, D, z, delta_bias, self.cu,
+                                     self.cache.ssm[layer], self.slot_idx)
+
+
+class DecodeOps:
+    """One token per sequence at real position ``pos[b]`` (= tokens already cached)."""
+
+    def __init__(self, cache: KVCache, slot_idx: torch.Tensor, pos: torch.Tensor):
+        cfg = cache.cfg
+        self.cache, self.cfg = cache, cfg
+        self.slot_idx, self.pos = slot_idx, pos
+        self.ctx_len = pos + 1
+        self.cos, self.sin = rope_cos_sin(cfg, pos + cfg.num_memory_tokens, cache.shape.dtype)
+
+    def attention(self, layer, q, k, v):
+        cfg, cache = self.cfg, self.cache
+        p = cfg.kv_producer[layer]
+        kind, ck, cv = cache.kv[p]
+        if k is not None:  # producer: write the current token first, then attend from the cache
+            if kind == "ring":
+                m = self.pos % cache.ring_size
+                ck[self.slot_idx, m], cv[self.slot_idx, m] = k, v
+            else:
+                bs = cache.shape.block_size
+                blk = cache.block_table[self.slot_idx, self.pos // bs].long()
+                ck[blk, self.pos % bs], cv[blk, self.pos % bs] = k, v
+        window = None if cfg.is_global(layer) else cfg.sliding_window
+        table = cache.block_table if kind == "paged" else None
+        return attention_decode(q, cache.meta_k[p], cache.meta_v[p], ck, cv, self.slot_idx,
+                                self.ctx_len, window, table)
+
+    def conv(self, layer, s, weight, bias):
+        return causal_conv1d_update(s, weight, bias, self.cache.conv[layer], self.slot_idx)
+
+    def scan(self, layer, u, delta, A, B, C, D, z, delta_bias):
+        return selective_state_update(self.cache.ssm[layer], self.slot_idx, u, delta, A, B, C, D, z, delta_bias)
+
+
+class ModelRunner:
+    """Owns the model and the cache; turns token ids into next-token logits."""
+
+    def __init__(self, model: HymbaForCausalLM, cache: KVCache):
+        self.model, self.cache = model, cache
+
+    @torch.inference_mode()
+    def prefill(self, slots: list[int], starts: list[int], chunks: list[list[int]]) -> torch.Tensor:
+        """Run chunks (token ids per sequence, continuing at ``starts``); logits [B, V] of each
+        chunk's last token."""
+        ops = PrefillOps(self.cache, slots, starts, [len(c) for c in chunks])
+        ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=self.model.device)
+        h = self.model.run_layers(self.model.model.embed_tokens(ids), ops)
+        return self.model.head(h[ops.last_rows])
+
+    @torch.inference_mode()
+    def decode(self, slot_idx: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One token per sequence: ids [B] at positions pos [B] in slots slot_idx -> logits [B, V]."""
+        ops = DecodeOps(self.cache, slot_idx, pos)
+        return self.model.head(self.model.run_layers(self.model.model.embed_tokens(ids), ops))

@@ -1,0 +1,129 @@
+"""Continuous batching: which sequences run in the next step, and how.
+
+A step is either a packed prefill (chunks of waiting or partly prefilled sequences, up to a
+token budget; long prompts are split into chunks that carry their conv/SSM state) or a decode
+of every running sequence. When the paged pool runs out, the newest sequence is preempted:
+its slot and blocks are freed and it is re-queued to be recomputed (prompt + tokens so far),
+which yields the same tokens because sampling depends only on (seed, token index).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .api import SamplingParams
+from .cache import KVCache
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: int
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    output: list[int] = field(default_factory=list)
+    slot: int | None = None
+    num_cached: int = 0  # tokens of prompt + output already in the cache
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def pending(self) -> int:
+        return len(self.prompt) + len(self.output) - self.num_cached
+
+
+@dataclass
+class PrefillBatch:
+    seqs: list[Sequence]
+    starts: list[int]
+    chunks: list[list[int]]
+    complete: list[bool]  # chunk reaches the end: sample after it
+
+
+@dataclass
+class DecodeBatch:
+    seqs: list[Sequence]
+
+
+class Scheduler:
+    def __init__(self, cache: KVCache, max_batch_tokens: int):
+        self.cache = cache
+        self.max_batch_tokens = max_batch_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> PrefillBatch | DecodeBatch | None:
+        batch = self._prefill()
+        if batch is not None:
+            return batch
+        return self._decode()
+
+    def _chunk(self, batch: PrefillBatch, seq: Sequence, budget: int) -> int:
+        n = min(seq.pending, budget)
+        if not self.cache.reserve_blocks(seq.slot, seq.num_cached + n):
+            return 0
+        batch.seqs.append(seq)
+        batch.starts.append(seq.num_cached)
+        batch.chunks.append(seq.tokens[seq.num_cached:seq.num_cached + n])
+        batch.complete.append(n == seq.pending)
+        return n
+
+    def _prefill(self) -> PrefillBatch | None:
+        batch = PrefillBatch([], [], [], [])
+        budget = self.max_batch_tokens
+        for seq in self.running:  # continue chunked prefills first: they hold slots
+            if seq.pending > 1 and budget > 0:
+                budget -= self._chunk(batch, seq, budget)
+        while self.waiting and budget > 0:
+            slot = self.cache.allocate_slot()
+            if slot is None:
+                break
+            seq = self.waiting[0]
+            seq.slot = slot
+            used = self._chunk(batch, seq, budget)
+            if used == 0:  # no blocks for it now
+                self.cache.free(slot)
+                seq.slot = None
+                if not self.running and not batch.seqs:
+                    raise MemoryError(f"request {seq.request_id}: the cache cannot hold its prompt "
+                                      f"({len(seq.tokens)} tokens); raise the memory budget")
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            budget -= used
+        return batch if batch.seqs else None
+
+    def _decode(self) -> DecodeBatch | None:
+        ready = [s for s in self.running if s.pending == 1]
+        for seq in list(ready):
+            if seq.slot is None:  # preempted while making room for an earlier one
+                continue
+            while not self.cache.reserve_blocks(seq.slot, seq.num_cached + 1):
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+        ready = [s for s in ready if s.slot is not None]
+        return DecodeBatch(ready) if ready else None
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.cache.free(seq.slot)
+        seq.slot, seq.num_cached = None, 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.cache.free(seq.slot)
+        seq.slot = None

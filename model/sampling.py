@@ -1,0 +1,56 @@
+"""Token sampling on the device, without host syncs: greedy, temperature, top-k, top-p.
+
+Randomness is a counter-based hash of (request seed, token index, vocab id), so a request's
+samples do not depend on which batch, step or process it ran in (Gumbel-max trick).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_M1 = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64 constants as signed int64
+_M2 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_M3 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser on int64 tensors (wrapping arithmetic; logical shifts emulated)."""
+    mask = lambda s: (1 << (64 - s)) - 1  # noqa: E731
+    x = x + _M1
+    x = (x ^ ((x >> 30) & mask(30))) * _M2
+    x = (x ^ ((x >> 27) & mask(27))) * _M3
+    return x ^ ((x >> 31) & mask(31))
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, vocab] uniforms in (0, 1) determined by (seed, step, column) only."""
+    col = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    key = _mix(_mix(seeds.long() * 1_000_003 + steps.long())[:, None] + col[None, :])
+    mant = (key >> 40) & ((1 << 24) - 1)
+    return (mant.float() + 0.5) / float(1 << 24)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+           seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] fp32; per-row temperature/top_p (float), top_k (long, 0 = off), seeds,
+    steps (long). Rows with temperature 0 are greedy. Returns token ids [B] (long)."""
+    greedy = logits.argmax(-1)
+    if logits.device.type == "cpu" and not bool((temperature > 0).any()):
+        return greedy  # a free check on the CPU; on CUDA we never sync
+    V = logits.shape[-1]
+    t = temperature.clamp(min=1e-5)[:, None]
+    scaled = logits / t
+    # top-k: drop everything below the k-th largest value
+    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
+    sorted_vals, _ = scaled.sort(-1, descending=True)
+    kth = sorted_vals.gather(-1, (k - 1)[:, None])
+    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    # top-p over the remaining distribution (keep the smallest prefix with mass >= p)
+    probs = torch.softmax(sorted_vals.masked_fill(sorted_vals < kth, float("-inf")), -1)
+    before = probs.cumsum(-1) - probs
+    keep_sorted = before < top_p[:, None]
+    cutoff = sorted_vals.masked_fill(~keep_sorted, float("inf")).min(-1, keepdim=True).values
+    scaled = scaled.masked_fill(scaled < cutoff, float("-inf"))
+    gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, V)))
+    sampled = (scaled + gumbel).argmax(-1)
+    return torch.where(temperature > 0, sampled, greedy)
