@@ -98,14 +98,14 @@ def _parse_override(item: str) -> tuple[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m hymba_batch.model.checkpoints", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("tiny", help="write a tiny random-weight checkpoint")
+    t = ap
+    t.add_argument("cmd", choices=["tiny"], help="write a random-weight checkpoint")
     t.add_argument("out_dir")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     t.add_argument("--real", action="store_true", help="start from the real Hymba-1.5B config, not the tiny one")
     t.add_argument("overrides", nargs="*", help="config overrides as key=value (JSON values)")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     base = real_config_dict() if a.real else tiny_config().to_hf_dict()
     for derived in ("layer_type", "conv_dim", "v_head_dim"):
         base.pop(derived)  # recomputed from the (possibly overridden) shape

@@ -158,47 +158,10 @@ class HymbaConfig:
         mt = d.get("model_type")
         if mt != "hymba":
             raise ConfigError(f"{source}: model_type is {mt!r}; this is not a Hymba config (expected 'hymba')")
-        n = d.get("num_hidden_layers", cls.num_hidden_layers)
-        hidden = d.get("hidden_size", cls.hidden_size)
-        fixed = {  # field: (value we require, description)
-            "num_mamba": (1, "1"),
-            "num_experts": (1, "1 (a single dense MLP)"),
-            "num_experts_per_tok": (1, "1"),
-            "memory_tokens_interspersed_every": (0, "0 (meta tokens only at the start)"),
-            "kq_norm": ("none", "'none'"),
-            "rope": (True, "true"),
-            "mamba_proj_bias": (False, "false"),
-            "mamba_inner_layernorms": (True, "true"),
-            "kv_weight_reuse": (False, "false"),
-            "hidden_act": ("silu", "'silu'"),
-            "mlp_hidden_act": ("silu", "'silu'"),
-        }
-        for key, (want, desc) in fixed.items():
-            if key in d and d[key] != want:
-                raise ConfigError(f"{source}: field {key!r} = {d[key]!r} is unsupported; expected {desc}")
-        lt = d.get("layer_type")
-        if lt is not None and (len(lt) != n or any(t != "h" for t in lt)):
-            raise ConfigError(f"{source}: field 'layer_type' must list {n} entries, all 'h' (hybrid); got {lt!r}")
-        expand = d.get("mamba_expand", cls.mamba_expand)
-        conv_dim = d.get("conv_dim")
-        if conv_dim is not None:
-            vals = list(conv_dim.values()) if isinstance(conv_dim, dict) else list(conv_dim)
-            if len(vals) != n or any(v != expand * hidden for v in vals):
-                raise ConfigError(f"{source}: field 'conv_dim' must give {expand * hidden} "
-                                  f"(mamba_expand*hidden_size) for each of {n} layers")
-        every = d.get("kv_reuse_every_i_layer", -1)
-        if every not in (-1, None) and not d.get("kv_reuse_group"):
-            raise ConfigError(f"{source}: field 'kv_reuse_every_i_layer' = {every!r} is unsupported; "
-                              "use kv_reuse_group")
-        if d.get("mamba_dt_rank") == "auto":
-            d["mamba_dt_rank"] = math.ceil(hidden / 16)
+        if d.get("mamba_dt_rank") == "auto" and isinstance(d.get("hidden_size", cls.hidden_size), int):
+            d["mamba_dt_rank"] = math.ceil(d.get("hidden_size", cls.hidden_size) / 16)
         if d.get("rope_type") is None and "rope_type" in d:
             d["rope_type"] = "default"
-        names = {f.name for f in fields(cls)} - {"kv_producer"}
-        unknown = sorted(k for k in d if k not in names and k not in _INFORMATIONAL
-                         and k not in fixed and k not in ("layer_type", "conv_dim") and not k.startswith("_"))
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {unknown}; not a Hymba config this version understands")
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
             if f.name == "kv_producer" or f.name not in d:
@@ -222,6 +185,43 @@ class HymbaConfig:
             except (TypeError, ValueError):
                 raise ConfigError(f"{source}: field {f.name!r} has value {d[f.name]!r} of the wrong type") from None
             kwargs[f.name] = v
+        n = kwargs.get("num_hidden_layers", cls.num_hidden_layers)
+        hidden = kwargs.get("hidden_size", cls.hidden_size)
+        fixed = {  # field: (value we require, description)
+            "num_mamba": (1, "1"),
+            "num_experts": (1, "1 (a single dense MLP)"),
+            "num_experts_per_tok": (1, "1"),
+            "memory_tokens_interspersed_every": (0, "0 (meta tokens only at the start)"),
+            "kq_norm": ("none", "'none'"),
+            "rope": (True, "true"),
+            "mamba_proj_bias": (False, "false"),
+            "mamba_inner_layernorms": (True, "true"),
+            "kv_weight_reuse": (False, "false"),
+            "hidden_act": ("silu", "'silu'"),
+            "mlp_hidden_act": ("silu", "'silu'"),
+        }
+        for key, (want, desc) in fixed.items():
+            if key in d and d[key] != want:
+                raise ConfigError(f"{source}: field {key!r} = {d[key]!r} is unsupported; expected {desc}")
+        lt = d.get("layer_type")
+        if lt is not None and (len(lt) != n or any(t != "h" for t in lt)):
+            raise ConfigError(f"{source}: field 'layer_type' must list {n} entries, all 'h' (hybrid); got {lt!r}")
+        expand = kwargs.get("mamba_expand", cls.mamba_expand)
+        conv_dim = d.get("conv_dim")
+        if conv_dim is not None:
+            vals = list(conv_dim.values()) if isinstance(conv_dim, dict) else list(conv_dim)
+            if len(vals) != n or any(v != expand * hidden for v in vals):
+                raise ConfigError(f"{source}: field 'conv_dim' must give {expand * hidden} "
+                                  f"(mamba_expand*hidden_size) for each of {n} layers")
+        every = d.get("kv_reuse_every_i_layer", -1)
+        if every not in (-1, None) and not d.get("kv_reuse_group"):
+            raise ConfigError(f"{source}: field 'kv_reuse_every_i_layer' = {every!r} is unsupported; "
+                              "use kv_reuse_group")
+        names = {f.name for f in fields(cls)} - {"kv_producer"}
+        unknown = sorted(k for k in d if k not in names and k not in _INFORMATIONAL
+                         and k not in fixed and k not in ("layer_type", "conv_dim") and not k.startswith("_"))
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {unknown}; not a Hymba config this version understands")
         try:
             return cls(**kwargs)
         except ConfigError as e:

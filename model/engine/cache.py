@@ -37,11 +37,12 @@ def plan_cache(cfg: HymbaConfig, budget_bytes: int, max_num_seqs: int, block_siz
     """Slots and blocks that fit ``budget_bytes``, sized for ``expected_context`` tokens a sequence."""
     cb = cache_bytes(cfg, _bytes(dtype), _bytes(ssm_dtype))
     block = cb.per_global_token * block_size
+    slot = cb.slot + 4 * -(-cfg.max_position_embeddings // block_size)  # + its block-table row
     blocks_per_seq = -(-expected_context // block_size)
-    per_seq = cb.slot + block * blocks_per_seq
+    per_seq = slot + block * blocks_per_seq
     slots = min(max_num_seqs, max(1, (budget_bytes - cb.meta) // per_seq))
-    blocks = max(blocks_per_seq, (budget_bytes - cb.meta - slots * cb.slot) // max(block, 1))
-    if cb.meta + slots * cb.slot + blocks * block > budget_bytes:
+    blocks = max(blocks_per_seq, (budget_bytes - cb.meta - slots * slot) // max(block, 1))
+    if cb.meta + slots * slot + blocks * block > budget_bytes:
         raise MemoryError(f"cache budget of {budget_bytes} bytes cannot hold one sequence "
                           f"({cb.meta + cb.slot + block * blocks_per_seq} bytes needed)")
     return CacheShape(slots, int(blocks), block_size, dtype, ssm_dtype)

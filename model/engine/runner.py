@@ -46,7 +46,7 @@ class PrefillOps:
         kind, ck, cv = cache.kv[layer]
         window = None if cfg.is_global(layer) else cfg.sliding_window
         B, dev = self.B, k.device
-        first = self.start if window is None else (self.start - window).clamp(min=0)
+        first = torch.zeros_like(self.start) if window is None else (self.start - window).clamp(min=0)
         hist_len = self.start - first
         Hmax = int(hist_len.max())
         ar = torch.arange(Hmax, device=dev)

@@ -1,0 +1,49 @@
+"""Model fixtures: the golden outputs of NVIDIA's implementation and tiny random checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# 2 shared cores: one intra-op thread avoids OpenMP oversubscription (20x slower otherwise)
+torch.set_num_threads(1)
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    assert SHARED.is_dir(), f"{SHARED} missing: the repo must sit beside ../shared (see README)"
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def golden(shared_dir):
+    from safetensors.torch import load_file
+    return load_file(str(shared_dir / "golden" / "tiny-a" / "golden.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def golden_model(shared_dir):
+    from hymba_batch.model import load_model
+    return load_model(shared_dir / "golden" / "tiny-a")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    from hymba_batch.model.checkpoints import tiny_config, write_checkpoint
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), tiny_config(), seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_ckpt):
+    from hymba_batch.model import load_model
+    return load_model(tiny_ckpt)
+
+
+def rand_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = 32000) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [[1] + torch.randint(3, vocab, (L - 1,), generator=g).tolist() for L in lens]

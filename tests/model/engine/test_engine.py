@@ -1,0 +1,142 @@
+"""Engine consistency on the CPU (reference kernels): alone == in a mixed batch, chunked ==
+whole prefill, preemption changes nothing, per-request errors, stop tokens, sampling
+reproducibility, bounded offline streaming, and byte accounting against costs.py."""
+
+import pytest
+import torch
+
+from hymba_batch.model import HymbaConfig, generate
+from hymba_batch.model.costs import cache_bytes, param_count
+from hymba_batch.model.engine import Engine, EngineConfig, QueueFull, SamplingParams
+
+from ..conftest import rand_prompts
+
+
+def _gen(model, prompts, n=12, **cfg):
+    engine = Engine(model, EngineConfig(**cfg))
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=n, ignore_eos=True))
+    return [o.token_ids for o in outs], engine
+
+
+def test_alone_equals_in_mixed_batch(tiny_model):
+    prompts = rand_prompts(6, 1, 45, seed=1)  # window is 16: some cross it
+    mixed, _ = _gen(tiny_model, prompts)
+    for p, m in zip(prompts, mixed):
+        alone, _ = _gen(tiny_model, [p])
+        assert alone[0] == m
+
+
+def test_chunked_prefill_equals_whole_prefill(golden_model, golden):
+    prompt = golden["prompt5.input_ids"].tolist()  # 72 tokens, window 16
+    whole = Engine(golden_model, EngineConfig(max_batch_tokens=4096))
+    chunked = Engine(golden_model, EngineConfig(max_batch_tokens=7))
+    s1, s2 = whole.cache.allocate_slot(), chunked.cache.allocate_slot()
+    whole.cache.reserve_blocks(s1, 80)
+    chunked.cache.reserve_blocks(s2, 80)
+    ref = whole.runner.prefill([s1], [0], [prompt])
+    for start in range(0, 70, 7):
+        chunked.runner.prefill([s2], [start], [prompt[start:start + 7]])
+    last = chunked.runner.prefill([s2], [70], [prompt[70:]])
+    assert (last - ref).abs().max() <= 1e-5
+    assert torch.allclose(chunked.cache.ssm[:, s2], whole.cache.ssm[:, s1], atol=1e-5)
+    prompts = rand_prompts(5, 20, 60, seed=2)
+    assert _gen(golden_model, prompts, max_batch_tokens=9)[0] == _gen(golden_model, prompts)[0]
+
+
+def test_preemption_under_a_tiny_pool_gives_the_same_tokens(tiny_model):
+    prompts = rand_prompts(8, 30, 60, seed=3)
+    ref, _ = _gen(tiny_model, prompts, n=40)
+    cb = cache_bytes(tiny_model.config, 4, 4)
+    budget = cb.meta + 4 * cb.slot + 10 * 16 * cb.per_global_token  # 4 slots, 10 blocks of 16
+    got, engine = _gen(tiny_model, prompts, n=40, memory_budget_bytes=budget, block_size=16, max_num_seqs=4,
+                       expected_context=16)
+    assert engine.cache.shape.num_slots == 4 and engine.cache.shape.num_blocks == 10
+    assert engine.scheduler.num_preemptions > 0
+    assert got == ref
+
+
+def test_per_request_errors_do_not_stop_the_others(tiny_model):
+    engine = Engine(tiny_model)
+    too_long = [1] * (engine.max_prompt_tokens + 1)
+    outs = engine.generate([[1, 5, 6], too_long, [], [1, 32001], [1, 7]],
+                           SamplingParams(max_new_tokens=3, ignore_eos=True))
+    assert [o.finish_reason for o in outs] == ["length", "error", "error", "error", "length"]
+    assert "at most" in outs[1].error and outs[2].error == "empty prompt" and "outside" in outs[3].error
+    assert outs[0].completion_tokens == 3 and outs[0].prompt_tokens == 3
+    with pytest.raises(ValueError, match="prompt 0: empty prompt"):
+        generate(tiny_model, [[]], 2)
+
+
+def test_stop_tokens_and_eos(tiny_model):
+    free = generate(tiny_model, [[1, 9, 10, 11]], 10)[0]
+    stop = free[3]
+    engine = Engine(tiny_model)
+    out = engine.generate([[1, 9, 10, 11]], SamplingParams(max_new_tokens=10, stop_token_ids=(stop,)))[0]
+    assert out.finish_reason == "stop" and out.token_ids == free[:free.index(stop) + 1]
+
+
+def test_sampling_is_reproducible_per_request_whatever_the_batch(tiny_model):
+    prompts = rand_prompts(5, 3, 30, seed=4)
+    p = [SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=100 + i, ignore_eos=True)
+         for i in range(5)]
+    engine = Engine(tiny_model)
+    together = [o.token_ids for o in engine.generate(prompts, p)]
+    reverse = [o.token_ids for o in Engine(tiny_model).generate(prompts[::-1], p[::-1])][::-1]
+    alone = Engine(tiny_model).generate([prompts[2]], [p[2]])[0].token_ids
+    assert together == reverse and alone == together[2]
+    other_seed = Engine(tiny_model).generate([prompts[2]], [SamplingParams(
+        max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True)])[0].token_ids
+    assert other_seed != together[2]
+    greedy = generate(tiny_model, [prompts[0]], 10)[0]
+    topk1 = Engine(tiny_model).generate([prompts[0]], SamplingParams(max_new_tokens=10, temperature=2.0, top_k=1,
+                                                                    seed=1, ignore_eos=True))[0].token_ids
+    assert topk1 == greedy
+
+
+def test_offline_stream_is_bounded_and_answers_each_request_once(tiny_model):
+    engine = Engine(tiny_model, EngineConfig(max_num_seqs=4))
+    pulled = []
+    peak = [0]
+
+    def requests():
+        for i, prompt in enumerate(rand_prompts(60, 1, 20, seed=5)):
+            pulled.append(i)
+            peak[0] = max(peak[0], len(pulled) - seen[0])
+            yield prompt, SamplingParams(max_new_tokens=1 + i % 4, ignore_eos=True)
+
+    seen = [0]
+    indices = []
+    for i, out in engine.stream(requests()):
+        seen[0] += 1
+        indices.append(i)
+        assert out.completion_tokens == 1 + i % 4
+    assert sorted(indices) == list(range(60))
+    assert peak[0] <= 2 * 4 + 4 + 1  # queued + resident, never the whole input
+
+
+def test_queue_full_backpressure(tiny_model):
+    engine = Engine(tiny_model, EngineConfig(max_waiting=2))
+    engine.add_request([1, 2])
+    engine.add_request([1, 3])
+    with pytest.raises(QueueFull):
+        engine.add_request([1, 4])
+
+
+def test_cache_bytes_match_costs(tiny_model):
+    engine = Engine(tiny_model, EngineConfig(memory_budget_bytes=1 << 24, block_size=16))
+    c, shape = engine.cache, engine.cache.shape
+    cb = cache_bytes(tiny_model.config, dtype_bytes=4, ssm_bytes=4)
+    expected = cb.meta + shape.num_slots * cb.slot + shape.num_blocks * 16 * cb.per_global_token
+    assert c.nbytes() == expected + c.block_table.numel() * 4
+    assert c.nbytes() <= 1 << 24
+
+
+def test_real_config_costs_match_the_architecture_doc(shared_dir):
+    cfg = HymbaConfig.from_json(shared_dir / "hymba-1.5b" / "config.json")
+    assert param_count(cfg) == 1_522_797_824
+    cb = cache_bytes(cfg, dtype_bytes=2, ssm_bytes=2)
+    assert cb.per_global_token == 5760
+    # doc §6: SWA (14 layers x 1024 tokens) + states; our ring holds window + 1 entries
+    swa_ring = 14 * 1025 * 1920
+    assert cb.slot == swa_ring + 3_276_800 + 614_400
+    assert cb.meta - 32 * 3200 * 3 * 2 - 32 * 3200 * 16 * 4 == 4_177_920
