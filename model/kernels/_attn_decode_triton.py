@@ -38,12 +38,14 @@ _MAX_SPLITS = 64
 
 
 @triton.jit
-def _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale, LOWP: tl.constexpr):
-    """One key block: q [GP, BD], k [BN, BD], v [BN, BDV], valid [BN] -> updated (m, l, acc)."""
-    if LOWP:
+def _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale, LOWP: tl.constexpr, EMULATE: tl.constexpr):
+    """One key block: q [GP, BD], k [BN, BD], v [BN, BDV], valid [BN] -> updated (m, l, acc).
+    EMULATE (Triton interpreter only): its tl.dot multiplies bf16 operands as raw uint16 bits, so
+    bf16 dots run as fp32 dots of the same (exactly representable) values, P rounded as on GPU."""
+    if LOWP and not EMULATE:
         s = tl.dot(q, tl.trans(k.to(q.dtype)))
     else:
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     s = s * qk_scale
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -51,9 +53,13 @@ def _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale, LOWP: tl.constexpr):
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if LOWP:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if EMULATE:
+            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
     else:
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    acc = acc * alpha[:, None] + pv
     return m_new, l_i, acc
 
 
@@ -74,6 +80,7 @@ def _attn_decode_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     PAGED: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, LOWP: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -126,7 +133,7 @@ def _attn_decode_kernel(
                     mask=valid[:, None] & mask_d[None, :], other=0.0)
         v = tl.load(mv_base + t[:, None] * stride_mvm + offs_dv[None, :],
                     mask=valid[:, None] & mask_dv[None, :], other=0.0)
-        m_i, l_i, acc = _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale, LOWP)
+        m_i, l_i, acc = _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale, LOWP, EMULATE)
 
     # ---- the sequence's own real tokens --------------------------------------------------------
     k_head = k_ptr + g * stride_kh
@@ -139,16 +146,17 @@ def _attn_decode_kernel(
         pos = first + j
         if PAGED:
             blk = tl.load(bt_ptr + slot * stride_bt0 + (pos // PAGE) * stride_bt1, mask=valid, other=0)
-            row0 = blk.to(tl.int64)
-            row1 = pos % PAGE
+            blk = blk.to(tl.int64)
+            row = pos % PAGE
+            k_rows = k_head + blk * stride_k0 + row * stride_k1
+            v_rows = v_head + blk * stride_v0 + row * stride_v1
         else:
-            row0 = slot
-            row1 = pos % R
-        k = tl.load(k_head + row0[:, None] * stride_k0 + row1[:, None] * stride_k1 + offs_d[None, :],
-                    mask=valid[:, None] & mask_d[None, :], other=0.0)
-        v = tl.load(v_head + row0[:, None] * stride_v0 + row1[:, None] * stride_v1 + offs_dv[None, :],
-                    mask=valid[:, None] & mask_dv[None, :], other=0.0)
-        m_i, l_i, acc = _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale, LOWP)
+            row = pos % R
+            k_rows = k_head + slot * stride_k0 + row * stride_k1
+            v_rows = v_head + slot * stride_v0 + row * stride_v1
+        k = tl.load(k_rows[:, None] + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(v_rows[:, None] + offs_dv[None, :], mask=valid[:, None] & mask_dv[None, :], other=0.0)
+        m_i, l_i, acc = _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale, LOWP, EMULATE)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -159,7 +167,7 @@ def _attn_decode_kernel(
         pptrs = (opart_ptr + b.to(tl.int64) * stride_pb + heads[:, None] * stride_ph + sp * stride_ps
                  + offs_dv[None, :])
         tl.store(pptrs, o, mask=mask_g[:, None] & mask_dv[None, :])
-        lse = m_i + tl.log2(l_i)  # -inf for an empty split
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))  # -inf: empty split
         tl.store(lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh + sp, lse, mask=mask_g)
 
 
@@ -186,6 +194,10 @@ def _attn_decode_combine_kernel(
              mask=mask_dv)
 
 
+# Triton picks interpreter vs compiler when a kernel is decorated (module import), not per call.
+_INTERPRETED = type(_attn_decode_kernel).__name__ == "InterpretedFunction"
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -206,7 +218,7 @@ def attention_decode_triton(q: torch.Tensor, meta_k: torch.Tensor, meta_v: torch
                             cache_k: torch.Tensor, cache_v: torch.Tensor, slot_idx: torch.Tensor,
                             ctx_len: torch.Tensor, window: int | None,
                             block_table: torch.Tensor | None = None, *,
-                            max_ctx: int | None = None, num_splits: int | None = None,
+                            out: torch.Tensor | None = None, max_ctx: int | None = None, num_splits: int | None = None,
                             block_n: int | None = None, num_warps: int | None = None,
                             num_stages: int | None = None) -> torch.Tensor:
     """Same contract as ``attention_decode_ref``: q [B, nh, d]; meta_k [M, nkv, d]; meta_v
@@ -218,7 +230,8 @@ def attention_decode_triton(q: torch.Tensor, meta_k: torch.Tensor, meta_v: torch
     bound on keys per sequence. ``max_ctx`` (optional, a host int >= every ctx_len) tightens that
     bound; the CUDA-graph path passes the engine's static limit. When None the bound comes from
     shapes alone (ring: window + 1; paged: block_table.shape[1] * bs), still sync-free.
-    ``num_splits`` / ``block_n`` / ``num_warps`` / ``num_stages`` override the heuristics
+    ``out`` (optional, [B, nh*dv] in q.dtype, unit inner stride) is written in place and returned
+    (preallocated CUDA-graph buffers). ``num_splits`` / ``block_n`` / ``num_warps`` / ``num_stages`` override the heuristics
     (tests, benchmarks).
     """
     B, nh, d = q.shape
@@ -233,7 +246,9 @@ def attention_decode_triton(q: torch.Tensor, meta_k: torch.Tensor, meta_v: torch
     meta_k = meta_k if meta_k.stride(-1) == 1 else meta_k.contiguous()
     meta_v = meta_v if meta_v.stride(-1) == 1 else meta_v.contiguous()
     group = nh // nkv
-    out = torch.empty(B, nh * dv, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(B, nh * dv, dtype=q.dtype, device=q.device)
+    assert out.shape == (B, nh * dv) and out.dtype == q.dtype and out.stride(-1) == 1
     if B == 0:
         return out
 
@@ -293,6 +308,7 @@ def attention_decode_triton(q: torch.Tensor, meta_k: torch.Tensor, meta_v: torch
         GROUP=group, GROUP_P=GROUP_P, D=d, DV=dv, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         BLOCK_N=BLOCK_N, NUM_SPLITS=splits, PAGED=paged, PAGE=page,
         HAS_WINDOW=window is not None, LOWP=lowp,
+        EMULATE=_INTERPRETED,
         num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
