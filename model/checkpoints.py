@@ -64,6 +64,41 @@ def random_state_dict(cfg: HymbaConfig, seed: int = 0, dtype: torch.dtype = torc
     return out
 
 
+def random_model(cfg: HymbaConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                 seed: int = 0):
+    """A random-weight model built directly on ``device`` (benchmarks at full size: no file,
+    no fp32 copy on the host). Same initialisation rules as ``random_state_dict``."""
+    from .hymba import HymbaForCausalLM
+
+    with torch.device("meta"):
+        model = HymbaForCausalLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            _init_(name, p, g)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _init_(name: str, p: torch.Tensor, g: torch.Generator) -> None:
+    shape = p.shape
+    if name.endswith("A_log.0"):
+        p.copy_(torch.log(torch.arange(1, shape[1] + 1, device=p.device, dtype=torch.float32)).repeat(shape[0], 1))
+    elif name.endswith("D.0") or "layernorm" in name:
+        p.normal_(1.0, 0.1, generator=g)
+    elif name.endswith("dt_proj.0.bias"):
+        dt = torch.exp(torch.rand(shape, generator=g, device=p.device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        p.copy_(dt + torch.log(-torch.expm1(-dt)))
+    elif name.endswith("conv1d.bias"):
+        p.normal_(0.0, 0.1, generator=g)
+    elif name.endswith("memory_tokens") or name.endswith("embed_tokens.weight"):
+        p.normal_(0.0, 1.0, generator=g)
+    else:
+        p.normal_(0.0, 1.0 / math.sqrt(shape[-1]), generator=g)
+
+
 def write_checkpoint(out_dir: str | Path, cfg: HymbaConfig, seed: int = 0,
                      dtype: torch.dtype = torch.float32, tokenizer_dir: str | Path | None = None) -> Path:
     """Write a random-weight checkpoint folder for ``cfg``; returns the folder."""

@@ -31,12 +31,13 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-           seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+           seeds: torch.Tensor, steps: torch.Tensor, all_greedy: bool = False) -> torch.Tensor:
     """logits [B, V] fp32; per-row temperature/top_p (float), top_k (long, 0 = off), seeds,
-    steps (long). Rows with temperature 0 are greedy. Returns token ids [B] (long)."""
+    steps (long). Rows with temperature 0 are greedy; ``all_greedy`` (known on the host by the
+    caller) skips the sampling work. Returns token ids [B] (long)."""
     greedy = logits.argmax(-1)
-    if logits.device.type == "cpu" and not bool((temperature > 0).any()):
-        return greedy  # a free check on the CPU; on CUDA we never sync
+    if all_greedy:
+        return greedy
     V = logits.shape[-1]
     t = temperature.clamp(min=1e-5)[:, None]
     scaled = logits / t

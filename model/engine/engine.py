@@ -145,6 +145,7 @@ class Engine:
             torch.tensor([x.top_k for x in p], dtype=torch.long, device=dev),
             torch.tensor([s.seed for s in seqs], dtype=torch.long, device=dev),
             torch.tensor([len(s.output) for s in seqs], dtype=torch.long, device=dev),
+            all_greedy=all(x.temperature == 0 for x in p),
         ).tolist()
         out = []
         for s, t in zip(seqs, new):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 # 2 shared cores: one intra-op thread avoids OpenMP oversubscription (20x slower otherwise)
 torch.set_num_threads(1)
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+SHARED = Path(os.environ.get("HYMBA_SHARED", Path(__file__).resolve().parents[2].parent / "shared"))
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +44,13 @@ def tiny_model(tiny_ckpt):
     return load_model(tiny_ckpt)
 
 
-def rand_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = 32000) -> list[list[int]]:
+def _rand_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = 32000) -> list[list[int]]:
+    """n prompts of BOS + random ids, lengths uniform in [lo, hi]."""
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     return [[1] + torch.randint(3, vocab, (L - 1,), generator=g).tolist() for L in lens]
+
+
+@pytest.fixture(scope="session")
+def rand_prompts():
+    return _rand_prompts

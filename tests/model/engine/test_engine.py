@@ -9,7 +9,6 @@ from hymba_batch.model import HymbaConfig, generate
 from hymba_batch.model.costs import cache_bytes, param_count
 from hymba_batch.model.engine import Engine, EngineConfig, QueueFull, SamplingParams
 
-from ..conftest import rand_prompts
 
 
 def _gen(model, prompts, n=12, **cfg):
@@ -18,7 +17,7 @@ def _gen(model, prompts, n=12, **cfg):
     return [o.token_ids for o in outs], engine
 
 
-def test_alone_equals_in_mixed_batch(tiny_model):
+def test_alone_equals_in_mixed_batch(tiny_model, rand_prompts):
     prompts = rand_prompts(6, 1, 45, seed=1)  # window is 16: some cross it
     mixed, _ = _gen(tiny_model, prompts)
     for p, m in zip(prompts, mixed):
@@ -26,7 +25,7 @@ def test_alone_equals_in_mixed_batch(tiny_model):
         assert alone[0] == m
 
 
-def test_chunked_prefill_equals_whole_prefill(golden_model, golden):
+def test_chunked_prefill_equals_whole_prefill(golden_model, golden, rand_prompts):
     prompt = golden["prompt5.input_ids"].tolist()  # 72 tokens, window 16
     whole = Engine(golden_model, EngineConfig(max_batch_tokens=4096))
     chunked = Engine(golden_model, EngineConfig(max_batch_tokens=7))
@@ -43,11 +42,12 @@ def test_chunked_prefill_equals_whole_prefill(golden_model, golden):
     assert _gen(golden_model, prompts, max_batch_tokens=9)[0] == _gen(golden_model, prompts)[0]
 
 
-def test_preemption_under_a_tiny_pool_gives_the_same_tokens(tiny_model):
+def test_preemption_under_a_tiny_pool_gives_the_same_tokens(tiny_model, rand_prompts):
     prompts = rand_prompts(8, 30, 60, seed=3)
     ref, _ = _gen(tiny_model, prompts, n=40)
     cb = cache_bytes(tiny_model.config, 4, 4)
-    budget = cb.meta + 4 * cb.slot + 10 * 16 * cb.per_global_token  # 4 slots, 10 blocks of 16
+    table_row = 4 * (tiny_model.config.max_position_embeddings // 16)
+    budget = cb.meta + 4 * (cb.slot + table_row) + 10 * 16 * cb.per_global_token  # 4 slots, 10 blocks of 16
     got, engine = _gen(tiny_model, prompts, n=40, memory_budget_bytes=budget, block_size=16, max_num_seqs=4,
                        expected_context=16)
     assert engine.cache.shape.num_slots == 4 and engine.cache.shape.num_blocks == 10
@@ -75,7 +75,7 @@ def test_stop_tokens_and_eos(tiny_model):
     assert out.finish_reason == "stop" and out.token_ids == free[:free.index(stop) + 1]
 
 
-def test_sampling_is_reproducible_per_request_whatever_the_batch(tiny_model):
+def test_sampling_is_reproducible_per_request_whatever_the_batch(tiny_model, rand_prompts):
     prompts = rand_prompts(5, 3, 30, seed=4)
     p = [SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=100 + i, ignore_eos=True)
          for i in range(5)]
@@ -93,7 +93,7 @@ def test_sampling_is_reproducible_per_request_whatever_the_batch(tiny_model):
     assert topk1 == greedy
 
 
-def test_offline_stream_is_bounded_and_answers_each_request_once(tiny_model):
+def test_offline_stream_is_bounded_and_answers_each_request_once(tiny_model, rand_prompts):
     engine = Engine(tiny_model, EngineConfig(max_num_seqs=4))
     pulled = []
     peak = [0]

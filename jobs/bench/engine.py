@@ -1,0 +1,257 @@
+"""Engine benchmarks on one GPU (issue #3, design.md §5): workloads S, G, L on a random-weight
+model of the real Hymba-1.5B config in bf16, the batch-size-1 path, a Hugging Face transformers
+Llama baseline of Hymba's width and depth, and several engines per GPU in separate processes.
+
+    python -m hymba_batch.jobs.bench.engine --workloads S,G,L --baselines --actors 1,2,4 \
+        --json-out $OUT/engine.json
+
+Fixed protocol: seeded random prompts, fixed output lengths (EOS ignored), a warm-up run, the
+median of ``--repeats`` timed runs. Prints a table, then one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from hymba_batch.model.checkpoints import random_model
+from hymba_batch.model.config import HymbaConfig, real_config_dict
+from hymba_batch.model.costs import cache_bytes, decode_flops, prefill_flops, weight_bytes
+from hymba_batch.model.engine import Engine, EngineConfig, SamplingParams
+
+WORKLOADS = {  # name: (prompts, prompt tokens, new tokens)
+    "S": (2048, 1024, 128),
+    "G": (2048, 128, 512),
+    "L": (256, 7000, 256),
+}
+
+
+def prompts_for(n: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 32000, (n, length), generator=g)
+    ids[:, 0] = 1
+    return ids.tolist()
+
+
+def measure_ceilings() -> dict:
+    """Measured bf16 matmul rate and device copy bandwidth (the floors' denominators)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        a @ b
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    flops = 10 * 2 * 8192 ** 3 / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    bw = 10 * 2 * x.numel() / (time.perf_counter() - t)
+    del a, b, x, y
+    torch.cuda.empty_cache()
+    return {"matmul_bf16_flops": flops, "copy_bytes_per_s": bw}
+
+
+def run_workload(engine: Engine, name: str, n: int, plen: int, new: int, repeats: int) -> dict:
+    prompts = prompts_for(n, plen, seed={"S": 1, "G": 2, "L": 3}.get(name, 4))
+    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        outs = engine.generate(prompts, params)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        assert all(o.completion_tokens == new for o in outs), "every request must produce its tokens"
+    dt = statistics.median(times)
+    return {"workload": name, "prompts": n, "prompt_tokens": plen, "new_tokens": new,
+            "seconds": dt, "runs": times, "docs_per_s": n / dt, "prompt_tok_per_s": n * plen / dt,
+            "gen_tok_per_s": n * new / dt, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "preemptions": engine.scheduler.num_preemptions}
+
+
+def floors(cfg: HymbaConfig, r: dict, ceil: dict, slots: int) -> dict:
+    n, plen, new = r["prompts"], r["prompt_tokens"], r["new_tokens"]
+    flops = n * (prefill_flops(cfg, plen) + decode_flops(cfg, plen, new))
+    compute_floor = flops / ceil["matmul_bf16_flops"]
+    # bandwidth: each decode step reads the weights once and every resident sequence's state + K/V
+    cb = cache_bytes(cfg, 2, 4)
+    batch = min(n, slots)
+    steps = (new - 1) * -(-n // batch)
+    ctx = plen + new // 2  # mean context over the decode
+    kv_tok = cfg.num_key_value_heads * (cfg.head_dim + cfg.v_head_dim) * 2
+    n_swa = sum(not cfg.is_global(p) for p in cfg.producers)
+    states = cb.slot - n_swa * (cfg.sliding_window + 1) * kv_tok
+    per_seq = states + n_swa * min(ctx, cfg.sliding_window + 1) * kv_tok + cb.per_global_token * ctx
+    bytes_ = steps * (weight_bytes(cfg) + batch * per_seq)
+    bw_floor = bytes_ / ceil["copy_bytes_per_s"] * 2  # copy rate counts read + write
+    return {"flops": flops, "compute_floor_s": compute_floor, "ratio_to_compute_floor": r["seconds"] / compute_floor,
+            "decode_bytes": bytes_, "bandwidth_floor_s": bw_floor, "ratio_to_bandwidth_floor": r["seconds"] / bw_floor}
+
+
+def bs1_baseline(model, plen: int, new: int, n: int = 4) -> dict:
+    engine = Engine(model, EngineConfig(max_num_seqs=1, memory_budget_bytes=4 << 30))
+    prompts = prompts_for(n, plen, seed=7)
+    engine.generate(prompts[:1], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    engine.generate(prompts, SamplingParams(max_new_tokens=new, ignore_eos=True))
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    return {"prompts": n, "prompt_tokens": plen, "new_tokens": new, "seconds": dt,
+            "gen_tok_per_s": n * new / dt, "docs_per_s": n / dt}
+
+
+def hf_llama_baseline(plen: int, new: int, n: int, batch: int, cache: str) -> dict:
+    """transformers generate on a random Llama of Hymba's width and depth (1.09B params)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lcfg = LlamaConfig(hidden_size=1600, num_hidden_layers=32, intermediate_size=5504, num_attention_heads=25,
+                       num_key_value_heads=5, vocab_size=32001, max_position_embeddings=8192)
+    lcfg._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(lcfg).to(torch.bfloat16).eval()
+    prompts = torch.tensor(prompts_for(n, plen, seed=11), device="cuda")
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    with torch.inference_mode():
+        model.generate(prompts[:batch, :16], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for i in range(0, n, batch):
+            model.generate(prompts[i:i + batch], **kw)
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    torch.cuda.empty_cache()
+    return {"params": params, "batch": batch, "cache": cache, "prompts": n, "prompt_tokens": plen,
+            "new_tokens": new, "seconds": dt, "docs_per_s": n / dt, "gen_tok_per_s": n * new / dt}
+
+
+def _actor(rank: int, k: int, n: int, plen: int, new: int, barrier, queue) -> None:
+    torch.cuda.set_device(0)
+    cfg = HymbaConfig.from_dict(real_config_dict())
+    model = random_model(cfg, "cuda", torch.bfloat16, seed=rank)
+    engine = Engine(model, EngineConfig(memory_fraction=0.9 / k))
+    engine.generate(prompts_for(8, 64, seed=99), SamplingParams(max_new_tokens=4, ignore_eos=True))
+    prompts = prompts_for(n, plen, seed=rank)
+    barrier.wait()
+    torch.cuda.synchronize()
+    t0 = time.time()
+    engine.generate(prompts, SamplingParams(max_new_tokens=new, ignore_eos=True))
+    torch.cuda.synchronize()
+    queue.put((rank, t0, time.time(), engine.cache.shape.num_slots, torch.cuda.max_memory_allocated()))
+
+
+def actors_per_gpu(k: int, total: int, plen: int, new: int) -> dict:
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(k), ctx.Queue()
+    procs = [ctx.Process(target=_actor, args=(r, k, total // k, plen, new, barrier, queue)) for r in range(k)]
+    for p in procs:
+        p.start()
+    res = [queue.get(timeout=900) for _ in procs]
+    for p in procs:
+        p.join()
+    start, end = min(r[1] for r in res), max(r[2] for r in res)
+    n = (total // k) * k
+    return {"actors": k, "prompts": n, "seconds": end - start, "docs_per_s": n / (end - start),
+            "gen_tok_per_s": n * new / (end - start), "slots_per_actor": [r[3] for r in res],
+            "peak_mem_gib_per_actor": [r[4] / 2**30 for r in res]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="S,G,L")
+    ap.add_argument("--scale", type=float, default=1.0, help="fraction of each workload's prompts")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--baselines", action="store_true")
+    ap.add_argument("--actors", default="", help="comma list of engines per GPU, e.g. 1,2,4,8")
+    ap.add_argument("--actor-prompts", type=int, default=1024)
+    ap.add_argument("--max-batch-tokens", type=int, default=16384)
+    ap.add_argument("--json-out", default="")
+    a = ap.parse_args()
+    cfg = HymbaConfig.from_dict(real_config_dict())
+    result: dict = {"bench": "engine", "hardware": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "python": platform.python_version(), "model": "random weights, real Hymba-1.5B config, bf16",
+                    "settings": vars(a)}
+    try:
+        import triton
+        result["triton"] = triton.__version__
+    except ImportError:
+        pass
+    result["ceilings"] = ceil = measure_ceilings()
+    rows = []
+    if a.workloads:
+        model = random_model(cfg, "cuda", torch.bfloat16)
+        engine = Engine(model, EngineConfig(max_batch_tokens=a.max_batch_tokens))
+        result["engine"] = {"slots": engine.cache.shape.num_slots, "blocks": engine.cache.shape.num_blocks,
+                            "cache_gib": engine.cache.nbytes() / 2**30}
+        engine.generate(prompts_for(64, 256, seed=5), SamplingParams(max_new_tokens=16, ignore_eos=True))
+        for name in a.workloads.split(","):
+            n, plen, new = WORKLOADS[name]
+            n = max(1, int(n * a.scale))
+            r = run_workload(engine, name, n, plen, new, a.repeats)
+            r.update(floors(cfg, r, ceil, engine.cache.shape.num_slots))
+            result[name] = r
+            rows.append((name, f"{r['docs_per_s']:.1f} docs/s", f"{r['gen_tok_per_s']:.0f} gen tok/s",
+                         f"{r['prompt_tok_per_s']:.0f} prompt tok/s", f"x{r['ratio_to_compute_floor']:.2f} compute floor",
+                         f"x{r['ratio_to_bandwidth_floor']:.2f} bw floor", f"{r['peak_mem_gib']:.1f} GiB"))
+            print(*rows[-1], sep=" | ", flush=True)
+        if a.baselines:
+            result["bs1_G"] = bs1_baseline(model, 128, 512)
+            rows.append(("bs1 G", f"{result['bs1_G']['gen_tok_per_s']:.1f} gen tok/s"))
+            print(*rows[-1], sep=" | ", flush=True)
+        del engine, model
+        torch.cuda.empty_cache()
+    if a.baselines:
+        for name, (n, plen, new) in (("S", WORKLOADS["S"]), ("G", WORKLOADS["G"])):
+            best = None
+            for cache in ("dynamic", "static"):
+                try:
+                    r = hf_llama_baseline(plen, new, n=256, batch=128 if name == "S" else 256, cache=cache)
+                except Exception as e:  # recorded, not hidden: the JSON says which setting failed
+                    r = {"cache": cache, "error": repr(e)[:300]}
+                result.setdefault("hf_llama", {}).setdefault(name, []).append(r)
+                if "gen_tok_per_s" in r and (best is None or r["gen_tok_per_s"] > best["gen_tok_per_s"]):
+                    best = r
+            if best and name in result:
+                result[f"ratio_vs_hf_{name}"] = result[name]["gen_tok_per_s"] / best["gen_tok_per_s"]
+                rows.append((f"HF {name}", f"{best['gen_tok_per_s']:.0f} gen tok/s ({best['cache']})",
+                             f"ours x{result[f'ratio_vs_hf_{name}']:.1f}"))
+                print(*rows[-1], sep=" | ", flush=True)
+        if "bs1_G" in result and "G" in result:
+            result["ratio_vs_bs1_G"] = result["G"]["gen_tok_per_s"] / result["bs1_G"]["gen_tok_per_s"]
+    if a.actors:
+        plen, new = WORKLOADS["S"][1:]
+        for k in (int(x) for x in a.actors.split(",")):
+            r = actors_per_gpu(k, a.actor_prompts, plen, new)
+            result.setdefault("actors_per_gpu", []).append(r)
+            rows.append((f"{k} actors", f"{r['docs_per_s']:.1f} docs/s aggregate"))
+            print(*rows[-1], sep=" | ", flush=True)
+    print("\n".join(" | ".join(r) for r in rows))
+    line = json.dumps(result)
+    if a.json_out:
+        os.makedirs(os.path.dirname(a.json_out) or ".", exist_ok=True)
+        with open(a.json_out, "w") as f:
+            f.write(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Engine correctness on the GPU (run on the GPU machine: pytest -m gpu). Fast kernels (Triton)
+against the fp32 reference; consistency across batches, chunks and the window boundary; a
+10,000-request run."""
+
+import pytest
+import torch
+
+from hymba_batch.model import load_model
+from hymba_batch.model.engine import Engine, EngineConfig, SamplingParams
+from hymba_batch.model.kernels import backend
+
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda():
+    assert torch.cuda.is_available(), "GPU tests need CUDA"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    assert backend.use_fast(torch.zeros(1, device="cuda")), "Triton fast path must be active on CUDA"
+
+
+@pytest.fixture(scope="module")
+def gold32(shared_dir):
+    return load_model(shared_dir / "golden" / "tiny-a", device="cuda", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def gold16(shared_dir):
+    return load_model(shared_dir / "golden" / "tiny-a", device="cuda", dtype=torch.bfloat16)
+
+
+def _teacher_forced(model, prompt, gen):
+    engine = Engine(model, EngineConfig(max_num_seqs=2))
+    slot = engine.cache.allocate_slot()
+    engine.cache.reserve_blocks(slot, len(prompt) + len(gen))
+    rows = [engine.runner.prefill([slot], [0], [prompt])[0]]
+    dev = model.device
+    for j, tok in enumerate(gen[:-1]):
+        rows.append(engine.runner.decode(torch.tensor([slot], device=dev), torch.tensor([len(prompt) + j], device=dev),
+                                         torch.tensor([tok], device=dev))[0])
+    return torch.stack(rows).cpu()
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_fp32_fast_kernels_match_golden(gold32, golden, i):
+    prompt, gen = golden[f"prompt{i}.input_ids"].tolist(), golden[f"prompt{i}.gen_ids"].tolist()
+    got = _teacher_forced(gold32, prompt, gen)[:, golden["vocab_columns"]]
+    assert (got - golden[f"prompt{i}.uncached_gen_logits"]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_bf16_engine_vs_fp32_reference(gold16, golden, i):
+    prompt, gen = golden[f"prompt{i}.input_ids"].tolist(), golden[f"prompt{i}.gen_ids"].tolist()
+    got = _teacher_forced(gold16, prompt, gen)[:, golden["vocab_columns"]]
+    ref = golden[f"prompt{i}.uncached_gen_logits"]
+    rel = (got - ref).norm() / ref.norm()
+    assert rel < 3e-2, rel
+
+
+def _logits_of(model, prompts, max_batch_tokens=8192):
+    """Last-prompt-token logits of every prompt, prefilled together."""
+    engine = Engine(model, EngineConfig(max_batch_tokens=max_batch_tokens))
+    slots = [engine.cache.allocate_slot() for _ in prompts]
+    for s, p in zip(slots, prompts):
+        engine.cache.reserve_blocks(s, len(p))
+    return engine.runner.prefill(slots, [0] * len(prompts), prompts).cpu()
+
+
+def test_alone_equals_mixed_batch_fp32(gold32, rand_prompts):
+    prompts = rand_prompts(16, 1, 300, seed=11)
+    mixed = _logits_of(gold32, prompts)
+    for j in (0, 5, 15):
+        alone = _logits_of(gold32, [prompts[j]])
+        assert (alone[0] - mixed[j]).abs().max() <= 1e-4
+    out_mixed = Engine(gold32).generate(prompts, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    out_alone = Engine(gold32).generate([prompts[5]], SamplingParams(max_new_tokens=20, ignore_eos=True))
+    assert out_alone[0].token_ids == out_mixed[5].token_ids
+
+
+def test_chunked_equals_whole_and_decode_equals_full_forward(gold32, rand_prompts):
+    prompt = rand_prompts(1, 200, 200, seed=12)[0]
+    whole = Engine(gold32)
+    s = whole.cache.allocate_slot()
+    whole.cache.reserve_blocks(s, 260)
+    ref = whole.runner.prefill([s], [0], [prompt])
+    chunked = Engine(gold32)
+    c = chunked.cache.allocate_slot()
+    chunked.cache.reserve_blocks(c, 260)
+    for start in range(0, 195, 13):
+        chunked.runner.prefill([c], [start], [prompt[start:start + 13]])
+    last = chunked.runner.prefill([c], [195], [prompt[195:]])
+    assert (last - ref).abs().max() <= 1e-4
+    # decode across the window boundary (window 16) == uncached full forward
+    gen = [int(t) for t in torch.randint(3, 32000, (40,))]
+    dev = gold32.device
+    for j, tok in enumerate(gen):
+        row = chunked.runner.decode(torch.tensor([c], device=dev), torch.tensor([200 + j], device=dev),
+                                    torch.tensor([tok], device=dev))[0]
+        full = gold32.logits(torch.tensor(prompt + gen[:j + 1]))[-1]
+        assert (row - full).abs().max() <= 1e-4, j
+
+
+def test_ten_thousand_requests_each_answered_once(gold16):
+    g = torch.Generator().manual_seed(13)
+    n = 10_000
+    lens = torch.randint(1, 400, (n,), generator=g).tolist()
+    news = torch.randint(1, 48, (n,), generator=g).tolist()
+    engine = Engine(gold16, EngineConfig(max_num_seqs=1024, memory_budget_bytes=2 << 30))
+    reqs = ((torch.randint(3, 32000, (L,), generator=g).tolist(), SamplingParams(max_new_tokens=m, ignore_eos=True))
+            for L, m in zip(lens, news))
+    seen = {}
+    for i, out in engine.stream(reqs):
+        assert i not in seen
+        seen[i] = out
+    assert sorted(seen) == list(range(n))
+    assert all(seen[i].completion_tokens == news[i] and seen[i].prompt_tokens == lens[i] for i in range(n))
