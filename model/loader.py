@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import uuid
 from pathlib import Path
 
 import torch
@@ -90,7 +91,7 @@ def download_s3_checkpoint(uri: str) -> Path:
         local = dest / rel
         if local.exists() and local.stat().st_size == size and record.get(rel) == etag:
             continue
-        tmp = dest / f".{rel}.part"
+        tmp = dest / f".{rel}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"  # actors share the cache
         s3.download_file(bucket, key, str(tmp))
         if tmp.stat().st_size != size:
             tmp.unlink()
@@ -135,7 +136,6 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = HymbaForCausalLM(cfg)
     want = expected_shapes(cfg)
-    params = dict(model.named_parameters(remove_duplicate=False))
     seen: set[str] = set()
     for path in _weight_files(folder):
         try:
@@ -165,7 +165,6 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu",
                               + (" ..." if len(missing) > 5 else ""))
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    del params
     return model.eval()
 
 
