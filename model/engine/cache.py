@@ -40,8 +40,8 @@ def plan_cache(cfg: HymbaConfig, budget_bytes: int, max_num_seqs: int, block_siz
     slot = cb.slot + 4 * -(-cfg.max_position_embeddings // block_size)  # + its block-table row
     blocks_per_seq = -(-expected_context // block_size)
     per_seq = slot + block * blocks_per_seq
-    slots = min(max_num_seqs, max(1, (budget_bytes - cb.meta) // per_seq))
-    blocks = max(blocks_per_seq, (budget_bytes - cb.meta - slots * slot) // max(block, 1))
+    slots = min(max_num_seqs, max(1, (budget_bytes - cb.meta) // per_seq - 1)) + 1  # + scratch
+    blocks = max(blocks_per_seq + 1, (budget_bytes - cb.meta - slots * slot) // max(block, 1))
     if cb.meta + slots * slot + blocks * block > budget_bytes:
         raise MemoryError(f"cache budget of {budget_bytes} bytes cannot hold one sequence "
                           f"({cb.meta + cb.slot + block * blocks_per_seq} bytes needed)")
@@ -81,6 +81,10 @@ class KVCache:
         self.free_slots = list(range(S - 1, -1, -1))
         self.free_blocks = list(range(shape.num_blocks - 1, -1, -1))
         self.blocks_of: dict[int, list[int]] = {}
+        # scratch: where padded lanes of a CUDA-graph decode write (never read by a sequence)
+        self.scratch_slot = self.free_slots.pop(0)
+        self.scratch_block = self.free_blocks.pop(0)
+        self.block_table[self.scratch_slot] = self.scratch_block
 
     # ---- meta tokens: once per model -----------------------------------------------------
     @torch.inference_mode()

@@ -40,6 +40,7 @@ class EngineConfig:
     expected_context: int = 2048            # tokens a sequence is sized for when planning blocks
     max_waiting: int = 100_000              # queued requests before add_request raises QueueFull
     cpu_budget_bytes: int = 1 << 30         # default cache budget on the CPU
+    cuda_graphs: bool = True                # decode under CUDA graphs (CUDA only)
 
 
 class Engine:
@@ -52,7 +53,7 @@ class Engine:
         shape = plan_cache(cfg, budget, config.max_num_seqs, config.block_size, model.dtype,
                            config.ssm_state_dtype, config.expected_context)
         self.cache = KVCache(model, shape)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, config.cuda_graphs)
         self.scheduler = Scheduler(self.cache, config.max_batch_tokens)
         self._ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
@@ -180,7 +181,7 @@ class Engine:
         it = enumerate(requests)
         index_of: dict[int, int] = {}
         exhausted = False
-        low_water = 2 * self.cache.shape.num_slots
+        low_water = 2 * (self.cache.shape.num_slots - 1)  # minus the scratch slot
         while True:
             while not exhausted and len(self.scheduler.waiting) < low_water:
                 nxt = next(it, None)

@@ -141,8 +141,9 @@ class DecodeOps:
 class ModelRunner:
     """Owns the model and the cache; turns token ids into next-token logits."""
 
-    def __init__(self, model: HymbaForCausalLM, cache: KVCache):
+    def __init__(self, model: HymbaForCausalLM, cache: KVCache, cuda_graphs: bool = False):
         self.model, self.cache = model, cache
+        self.graphs = DecodeGraphs(self) if cuda_graphs and model.device.type == "cuda" else None
 
     @torch.inference_mode()
     def prefill(self, slots: list[int], starts: list[int], chunks: list[list[int]]) -> torch.Tensor:
@@ -156,5 +157,63 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, slot_idx: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """One token per sequence: ids [B] at positions pos [B] in slots slot_idx -> logits [B, V]."""
+        if self.graphs is not None and ids.shape[0] <= self.graphs.max_batch:
+            return self.graphs.run(slot_idx, pos, ids)
+        return self._decode_eager(slot_idx, pos, ids)
+
+    def _decode_eager(self, slot_idx: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         ops = DecodeOps(self.cache, slot_idx, pos)
         return self.model.head(self.model.run_layers(self.model.model.embed_tokens(ids), ops))
+
+
+class DecodeGraphs:
+    """Decode under CUDA graphs, one per batch-size bucket (powers of two, then multiples of 256).
+
+    A batch is padded up to its bucket with lanes that point at the cache's scratch slot (and
+    scratch block), so padding writes only where no sequence reads. Captured lazily, on first use.
+    """
+
+    def __init__(self, runner: "ModelRunner"):
+        self.runner = runner
+        cache = runner.cache
+        self.max_batch = cache.shape.num_slots - 1
+        dev = runner.model.device
+        n = self.max_batch
+        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slot = torch.full((n,), cache.scratch_slot, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def bucket(self, b: int) -> int:
+        if b <= 256:
+            return min(1 << (b - 1).bit_length(), self.max_batch)
+        return min(-(-b // 256) * 256, self.max_batch)
+
+    def _capture(self, size: int) -> None:
+        r = self.runner
+        args = (self.slot[:size], self.pos[:size], self.ids[:size])
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            r._decode_eager(*args)  # warm-up: kernel compilation and autotuning happen here
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            out = r._decode_eager(*args)
+        self.pool = g.pool()
+        self.graphs[size] = (g, out)
+
+    def run(self, slot_idx: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        b = ids.shape[0]
+        size = self.bucket(b)
+        self.ids[:b].copy_(ids)
+        self.slot[:b].copy_(slot_idx)
+        self.pos[:b].copy_(pos)
+        self.slot[b:size].fill_(self.runner.cache.scratch_slot)
+        self.pos[b:size].zero_()
+        if size not in self.graphs:
+            self._capture(size)
+        g, out = self.graphs[size]
+        g.replay()
+        return out[:b]
