@@ -84,6 +84,36 @@ def run_workload(engine: Engine, name: str, n: int, plen: int, new: int, repeats
             "preemptions": engine.scheduler.num_preemptions}
 
 
+def profile_steps(engine: Engine, out_path: str) -> str:
+    """Kernel-level profile of one prefill step (16 x 1024 tokens) and one decode step at 512."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = prompts_for(512, 1024, seed=21)
+    for p in prompts:
+        engine.add_request(p, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    engine.step()  # warm
+    torch.cuda.synchronize()
+    tables = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.step()
+        torch.cuda.synchronize()
+    tables.append("PREFILL STEP\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
+    while any(s.pending > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.step()
+        torch.cuda.synchronize()
+    tables.append("DECODE STEP (batch 512)\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
+    while engine.has_unfinished():
+        engine.step()
+    text = "\n".join(tables)
+    if out_path:
+        with open(out_path, "w") as f:
+            f.write(text)
+    return text
+
+
 def floors(cfg: HymbaConfig, r: dict, ceil: dict, slots: int) -> dict:
     n, plen, new = r["prompts"], r["prompt_tokens"], r["new_tokens"]
     flops = n * (prefill_flops(cfg, plen) + decode_flops(cfg, plen, new))
@@ -185,6 +215,7 @@ def main() -> None:
     ap.add_argument("--actor-prompts", type=int, default=1024)
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
     ap.add_argument("--json-out", default="")
+    ap.add_argument("--profile", default="", help="write a kernel profile of one prefill and one decode step here")
     a = ap.parse_args()
     cfg = HymbaConfig.from_dict(real_config_dict())
     result: dict = {"bench": "engine", "hardware": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -203,11 +234,15 @@ def main() -> None:
         result["engine"] = {"slots": engine.cache.shape.num_slots, "blocks": engine.cache.shape.num_blocks,
                             "cache_gib": engine.cache.nbytes() / 2**30}
         engine.generate(prompts_for(64, 256, seed=5), SamplingParams(max_new_tokens=16, ignore_eos=True))
+        if a.profile:
+            print(profile_steps(engine, a.profile)[-6000:])
         for name in a.workloads.split(","):
             n, plen, new = WORKLOADS[name]
             n = max(1, int(n * a.scale))
             r = run_workload(engine, name, n, plen, new, a.repeats)
             r.update(floors(cfg, r, ceil, engine.cache.shape.num_slots))
+            r["engine_stats"] = dict(engine.stats)
+            engine.stats.update(prefill_s=0.0, decode_s=0.0, prefill_tokens=0, decode_tokens=0, steps=0)
             result[name] = r
             rows.append((name, f"{r['docs_per_s']:.1f} docs/s", f"{r['gen_tok_per_s']:.0f} gen tok/s",
                          f"{r['prompt_tok_per_s']:.0f} prompt tok/s", f"x{r['ratio_to_compute_floor']:.2f} compute floor",

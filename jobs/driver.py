@@ -1,0 +1,263 @@
+"""The driver: plan a job, claim its output prefix, run its units on the actor pool, keep
+``_hymba/status.json`` current, and commit (manifest + ``_SUCCESS``) when every row is in.
+
+Only unit descriptions and unit results pass through here; rows never do. Re-running the same
+job resumes from the committed files; a job whose fingerprint changed is refused unless
+``restart`` is asked. Ctrl-C stops dispatching, keeps everything committed, and marks the
+status ``cancelled``. Knows nothing of prompts or tensors beyond the spec's values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from hymba_batch.pipeline.commit import JobOutput, fingerprint
+from hymba_batch.pipeline.prompts import PromptConfig, template_variables
+from hymba_batch.pipeline.shards import (InputFile, WorkUnit, check_schema, list_input_files, plan_units,
+                                         read_footers)
+from hymba_batch.pipeline.unit import OutputConfig, SamplingConfig, UnitResult
+from hymba_batch.pipeline.writer import RESERVED_COLUMNS
+
+from .spec import JobSpec
+
+if TYPE_CHECKING:
+    from hymba_batch.workers.actor import ActorConfig
+
+
+class Reporter(Protocol):
+    def start(self, total_rows: int, done_rows: int) -> None: ...
+    def update(self, done_rows: int, new_tokens: int) -> None: ...
+    def stop(self) -> None: ...
+
+
+@dataclass
+class Plan:
+    files: list[InputFile]
+    units: list[WorkUnit]
+    fingerprint: str
+    parts: dict[str, Any]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(u.num_rows for u in self.units)
+
+
+@dataclass
+class JobSummary:
+    """How a run ended (also what ``hymba-batch run`` prints)."""
+
+    job_id: str
+    state: str  # succeeded | failed | cancelled
+    output_uri: str
+    total_rows: int = 0
+    committed_rows: int = 0
+    error_rows: int = 0
+    truncated_rows: int = 0
+    total_units: int = 0
+    resumed_units: int = 0
+    run_units: int = 0
+    retried_units: int = 0
+    actor_restarts: int = 0
+    failed_units: list[dict[str, Any]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    elapsed_s: float = 0.0
+    actors: list[dict[str, str]] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
+
+
+def _model_identity(path: str) -> dict[str, Any]:
+    ident: dict[str, Any] = {"path": path}
+    p = Path(path).expanduser()
+    if p.is_dir():
+        cfg = p / "config.json"
+        ident["config_sha256"] = hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.is_file() else None
+        ident["weights"] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.glob("*.safetensors"))
+    return ident
+
+
+def plan_job(spec: JobSpec) -> Plan:
+    """List the input, read footers, check columns, cut units, and fingerprint the job."""
+    files = list_input_files(spec.input.uri)
+    metas = read_footers(files)
+    t = spec.task
+    required = set(template_variables(t.template)) if t.kind == "template" and t.template else set()
+    if spec.input.id_column:
+        required.add(spec.input.id_column)
+    for f, m in zip(files, metas):
+        check_schema(f, m, spec.input.text_column, required, set(RESERVED_COLUMNS))
+    units = plan_units(files, metas, spec.input.rows_per_unit)
+    snapshot = hashlib.sha256(json.dumps([(f.uri, f.size, f.mtime_ns) for f in files]).encode()).hexdigest()
+    parts = {
+        "model": _model_identity(spec.model.path) | {"dtype": spec.model.dtype},
+        "prompt": t.model_dump(include={"kind", "prompt", "template", "system", "chat", "max_input_tokens",
+                                        "truncation"}) | {"text_column": spec.input.text_column,
+                                                          "id_column": spec.input.id_column},
+        "sampling": t.model_dump(include={"max_new_tokens", "temperature", "top_p", "top_k", "seed"}),
+        "input": {"files": len(files), "snapshot": snapshot, "rows_per_unit": spec.input.rows_per_unit},
+        "output": spec.output.model_dump(include={"format", "mode"}),
+    }
+    return Plan(files, units, fingerprint(parts), parts)
+
+
+def actor_config(spec: JobSpec, device: str, actors_per_gpu: int) -> ActorConfig:
+    """The plain config every actor of this job is built from."""
+    from hymba_batch.workers.actor import ActorConfig
+
+    t = spec.task
+    return ActorConfig(
+        model_path=spec.model.path, dtype=spec.model.dtype, device=device,
+        memory_fraction=spec.model.memory_fraction / actors_per_gpu,
+        cache_budget_bytes=spec.model.cache_budget_mb << 20 if spec.model.cache_budget_mb else None,
+        max_num_seqs=spec.model.max_num_seqs, max_batch_tokens=spec.model.max_batch_tokens,
+        cpu_threads=max(1, int(spec.resources.cpus_per_actor)) if device == "cpu" else None,
+        prompt=PromptConfig(kind=t.kind, text_column=spec.input.text_column, prompt=t.prompt, template=t.template,
+                            system=t.system, chat=t.chat, max_input_tokens=t.max_input_tokens, truncation=t.truncation),
+        output=OutputConfig(uri=spec.output.uri, format=spec.output.format, mode=spec.output.mode,
+                            id_column=spec.input.id_column),
+        sampling=SamplingConfig(max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p,
+                                top_k=t.top_k, seed=t.seed),
+    )
+
+
+def _placement(spec: JobSpec, cluster_gpus: float) -> tuple[str, int, float, int]:
+    """(device, num_actors, gpus per actor, actors per gpu) for this cluster."""
+    r = spec.resources
+    gpus = int(cluster_gpus) if r.num_gpus is None else min(r.num_gpus, int(cluster_gpus))
+    if spec.model.device == "cuda" and gpus == 0:
+        raise RuntimeError("model.device is 'cuda' but the Ray cluster has no GPUs")
+    if spec.model.device == "cpu" or gpus == 0:
+        return "cpu", r.num_actors or 1, 0.0, 1
+    k = r.actors_per_gpu
+    return "cuda", r.num_actors or gpus * k, 1.0 / k, k
+
+
+def _ensure_ray(spec: JobSpec) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=spec.resources.ray_address, include_dashboard=False, log_to_driver=True)
+
+
+class _Status:
+    """Aggregates unit results into the status document and writes it (at most every 0.2 s)."""
+
+    def __init__(self, out: JobOutput, job_id: str, spec: JobSpec, plan: Plan, done: dict[str, UnitResult]):
+        self.out, self.job_id, self.name, self.plan = out, job_id, spec.name, plan
+        self.done = dict(done)
+        self.failed: list[dict[str, Any]] = []
+        self.started = time.time()
+        self.resumed_rows = sum(r.rows for r in done.values())
+        self.error: str | None = None
+        self.last_write = 0.0
+
+    @property
+    def rows(self) -> int:
+        return sum(r.rows for r in self.done.values())
+
+    @property
+    def new_tokens(self) -> int:
+        """Tokens generated by this run (not by an earlier one that was resumed)."""
+        return sum(r.completion_tokens for r in self.done.values() if not r.reused)
+
+    def document(self, state: str) -> dict[str, Any]:
+        now = time.time()
+        run_rows = self.rows - self.resumed_rows
+        rate = run_rows / max(now - self.started, 1e-9)
+        left = self.plan.total_rows - self.rows
+        return {
+            "job": self.name, "job_id": self.job_id, "state": state, "output_uri": self.out.uri,
+            "total_rows": self.plan.total_rows, "total_units": len(self.plan.units),
+            "committed_rows": self.rows, "committed_units": len(self.done),
+            "failed_units": self.failed, "failed_rows": sum(f["rows"] for f in self.failed),
+            "error_rows": sum(r.error_rows for r in self.done.values()),
+            "prompt_tokens": sum(r.prompt_tokens for r in self.done.values()),
+            "completion_tokens": sum(r.completion_tokens for r in self.done.values()),
+            "rows_per_s": rate, "tokens_per_s": self.new_tokens / max(now - self.started, 1e-9),
+            "eta_s": (left / rate) if rate > 0 else None,
+            "started_at": self.started, "updated_at": now, "error": self.error,
+        }
+
+    def write(self, state: str, force: bool = False) -> None:
+        if force or time.monotonic() - self.last_write >= 0.2:
+            self.out.write_status(self.document(state))
+            self.last_write = time.monotonic()
+
+
+def run_job(spec: JobSpec, restart: bool = False, reporter: Reporter | None = None) -> JobSummary:
+    """Run (or resume) a job to the end; returns its summary. Raises on plan or output errors."""
+    from hymba_batch.workers.pool import ActorPool, PoolConfig, UnitFailure
+
+    t0 = time.time()
+    plan = plan_job(spec)
+    job_id = f"{spec.name}-{plan.fingerprint[:12]}"
+    out = JobOutput(spec.output.uri, spec.output.format)
+    out.prepare(plan.fingerprint, plan.parts, restart)
+    done = out.committed(plan.units)
+    status = _Status(out, job_id, spec, plan, done)
+    todo = [u for u in plan.units if u.unit_id not in done]
+    rows_of = {u.unit_id: u.num_rows for u in plan.units}
+    summary = JobSummary(job_id, "running", out.uri, total_rows=plan.total_rows, total_units=len(plan.units),
+                         resumed_units=len(done))
+    if reporter:
+        reporter.start(plan.total_rows, status.rows)
+    status.write("running", force=True)
+    pool = None
+    try:
+        if todo:
+            _ensure_ray(spec)
+            import ray
+
+            device, n, gpu_share, k = _placement(spec, ray.cluster_resources().get("GPU", 0))
+            pool = ActorPool(actor_config(spec, device, k), PoolConfig(
+                num_actors=n, num_gpus_per_actor=gpu_share, num_cpus_per_actor=spec.resources.cpus_per_actor,
+                max_in_flight=spec.resources.max_in_flight, max_attempts=spec.resources.max_attempts))
+            summary.actors = pool.start()
+
+            def on_done(res: UnitResult) -> None:
+                status.done[res.unit_id] = res
+                summary.run_units += 1
+                status.write("running")
+                if reporter:
+                    reporter.update(status.rows, status.new_tokens)
+
+            def on_failed(f: UnitFailure) -> None:
+                status.failed.append({"unit_id": f.unit_id, "attempts": f.attempts, "error": f.error,
+                                      "rows": rows_of[f.unit_id]})
+                status.write("running", force=True)
+
+            pool.run(todo, on_done, on_failed)
+            summary.retried_units, summary.actor_restarts = pool.retries, pool.restarts
+        state = "failed" if status.failed else "succeeded"
+        if state == "succeeded":
+            manifest = out.finalize(plan.units, {
+                "job": spec.name, "job_id": job_id, "fingerprint": plan.fingerprint,
+                "fingerprint_parts": plan.parts, "spec": spec.model_dump(mode="json"),
+                "started_at": status.started, "elapsed_s": time.time() - t0})
+            summary.truncated_rows = manifest["truncated_rows"]
+        status.write(state, force=True)
+    except KeyboardInterrupt:
+        state = "cancelled"
+        status.write(state, force=True)
+    except Exception as e:  # recorded in status.json for `hymba-batch status`, then raised as is
+        status.error = f"{type(e).__name__}: {e}"
+        status.write("failed", force=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if reporter:
+            reporter.stop()
+    doc = status.document(state)
+    summary.state = state
+    summary.committed_rows, summary.error_rows = doc["committed_rows"], doc["error_rows"]
+    summary.prompt_tokens, summary.completion_tokens = doc["prompt_tokens"], doc["completion_tokens"]
+    summary.failed_units = status.failed
+    summary.nodes = sorted({r.worker.get("node_id", "") for r in status.done.values() if not r.reused} - {""})
+    summary.elapsed_s = time.time() - t0
+    return summary

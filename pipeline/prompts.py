@@ -1,0 +1,168 @@
+"""Prompts: from a row to token ids, with the job's truncation policy.
+
+Three task kinds: ``summarize`` (an instruction, then the row's text), ``generate`` (the row's
+text is the prompt, after an optional instruction) and ``template`` (a jinja2 template over the
+row's columns, rendered in an immutable sandbox with undefined variables as errors). With
+``chat`` the message goes through the checkpoint's chat template. A prompt longer than the limit
+(the job's ``max_input_tokens`` and the engine's own maximum) loses tokens of its text from the
+head, the middle or the tail and is marked ``truncated``, or becomes a row error with policy
+``error``. Null, empty or whitespace-only text is a row error. Knows nothing of models or files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import jinja2
+from jinja2 import meta as jinja_meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+if TYPE_CHECKING:  # the tokenizer (transformers) is loaded only where prompts are built
+    from .tokenizer import Codec
+
+DEFAULT_SUMMARIZE = "Summarize the following article in a few sentences."
+MIDDLE_MARK = " [...] "
+_ENV = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """How rows become prompts (a plain copy of the job spec's task fields)."""
+
+    kind: str = "summarize"  # summarize | generate | template
+    text_column: str | None = "text"
+    prompt: str | None = None
+    template: str | None = None
+    system: str | None = None
+    chat: bool = True
+    max_input_tokens: int | None = None
+    truncation: str = "middle"  # head | middle | tail | error
+
+
+@dataclass
+class Prompt:
+    """One row's prompt: token ids, or the row's error."""
+
+    token_ids: list[int] | None
+    truncated: bool = False
+    error: str | None = None
+
+
+def compile_template(source: str) -> jinja2.Template:
+    """Compile a task template in the sandbox; ValueError with the line on a syntax error."""
+    try:
+        return _ENV.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"task.template: line {e.lineno}: {e.message}") from e
+
+
+def template_variables(source: str) -> set[str]:
+    """The row columns a template reads."""
+    return set(jinja_meta.find_undeclared_variables(_ENV.parse(source)))
+
+
+class PromptBuilder:
+    """Builds prompts for a batch of rows under a token limit."""
+
+    def __init__(self, cfg: PromptConfig, codec: Codec, engine_limit: int) -> None:
+        if cfg.truncation not in ("head", "middle", "tail", "error"):
+            raise ValueError(f"task.truncation: {cfg.truncation!r} is not head, middle, tail or error")
+        if cfg.kind == "template" and not cfg.template:
+            raise ValueError("task.template: required when task.kind is 'template'")
+        if cfg.kind != "template" and not cfg.text_column:
+            raise ValueError(f"input.text_column: required when task.kind is {cfg.kind!r}")
+        self.cfg, self.codec = cfg, codec
+        self.limit = min(engine_limit, cfg.max_input_tokens or engine_limit)
+        self.template = compile_template(cfg.template) if cfg.kind == "template" else None
+
+    # -- message text -------------------------------------------------------------------------
+    def _message(self, row: dict[str, Any], body: str | None) -> str:
+        c = self.cfg
+        if c.kind == "summarize":
+            return f"{c.prompt or DEFAULT_SUMMARIZE}\n\n{body}"
+        if c.kind == "generate":
+            return f"{c.prompt}\n\n{body}" if c.prompt else str(body)
+        assert self.template is not None
+        if c.text_column is None:  # the whole rendered message is the truncatable body
+            return str(body)
+        return self.template.render({**row, c.text_column: body})
+
+    def _full_text(self, message: str) -> str:
+        return self.codec.chat_text(message, self.cfg.system) if self.cfg.chat else message
+
+    def _body(self, row: dict[str, Any]) -> str:
+        c = self.cfg
+        if c.kind == "template" and c.text_column is None:
+            assert self.template is not None
+            return self.template.render(row)
+        value = row.get(c.text_column)  # type: ignore[arg-type]
+        if isinstance(value, Exception):
+            raise ValueError(str(value))
+        if value is None:
+            raise ValueError(f"text is null (column {c.text_column!r})")
+        if not isinstance(value, str):
+            raise ValueError(f"text is a {type(value).__name__}, not a string (column {c.text_column!r})")
+        if not value.strip():
+            raise ValueError(f"text is empty (column {c.text_column!r})")
+        return value
+
+    # -- public -------------------------------------------------------------------------------
+    def build_batch(self, rows: list[dict[str, Any]]) -> list[Prompt]:
+        """Prompts for ``rows`` (one per row, in order); never raises for a bad row."""
+        out: list[Prompt | None] = [None] * len(rows)
+        bodies: list[str | None] = [None] * len(rows)
+        texts, where = [], []
+        for i, row in enumerate(rows):
+            try:
+                bodies[i] = self._body(row)
+                texts.append(self._full_text(self._message(row, bodies[i])))
+                where.append(i)
+            except (ValueError, jinja2.TemplateError) as e:
+                out[i] = Prompt(None, error=f"{type(e).__name__}: {e}" if isinstance(e, jinja2.TemplateError) else str(e))
+        for i, ids in zip(where, self.codec.encode_prompts(texts, self.cfg.chat)):
+            if len(ids) <= self.limit:
+                out[i] = Prompt(list(ids))
+            else:
+                out[i] = self._fit(rows[i], bodies[i] or "", len(ids))
+        return [p if p is not None else Prompt(None, error="internal: no prompt built") for p in out]
+
+    def _encode(self, row: dict[str, Any], body: str) -> list[int]:
+        return self.codec.encode_prompts([self._full_text(self._message(row, body))], self.cfg.chat)[0]
+
+    def _fit(self, row: dict[str, Any], body: str, n_tokens: int) -> Prompt:
+        if self.cfg.truncation == "error":
+            return Prompt(None, error=f"prompt is {n_tokens} tokens, over the limit of {self.limit} "
+                                      f"(task.truncation is 'error')")
+        body_ids = self.codec.encode_fragment(body)
+        cut = n_tokens - self.limit
+        try:
+            for _ in range(8):
+                keep = len(body_ids) - cut
+                if keep <= 0:
+                    break
+                ids = self._encode(row, self._cut(body_ids, keep))
+                if len(ids) <= self.limit:
+                    return Prompt(ids, truncated=True)
+                cut += len(ids) - self.limit
+        except jinja2.TemplateError as e:
+            return Prompt(None, error=f"{type(e).__name__}: {e}")
+        return Prompt(None, error=f"prompt is {n_tokens} tokens and cannot be cut to the limit of "
+                                  f"{self.limit} by truncating its text")
+
+    def _cut(self, ids: list[int], keep: int) -> str:
+        dec: Callable[[list[int]], str] = self.codec.decode_fragment
+        policy = self.cfg.truncation
+        if policy == "head":
+            return dec(ids[len(ids) - keep:])
+        if policy == "tail":
+            return dec(ids[:keep])
+        head = (keep + 1) // 2
+        return dec(ids[:head]) + MIDDLE_MARK + dec(ids[len(ids) - (keep - head):]) if keep > 1 else dec(ids[:1])
+
+
+def row_seed(base_seed: int, source_file: str, source_row: int, row_id: Any = None) -> int:
+    """A per-row sampling seed from the job seed and the row's identity (not its batch)."""
+    key = f"{base_seed}\0{source_file}\0{source_row}" if row_id is None else f"{base_seed}\0id\0{row_id!r}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") & 0x7FFFFFFF

@@ -1,0 +1,157 @@
+"""One work unit from input rows to a committed output file, around an injected generate
+function (the engine lives in ``workers/``; this module never sees it).
+
+Flow: if the unit's file is already committed, report it (a retried unit is never written
+twice); else read the rows, build prompts, generate for the rows that have one, decode, and
+write the unit's file atomically with its result in the file's metadata. Per-row problems
+become the row's ``error``; only whole-unit problems (unreadable input, failed write) raise.
+Owns ``OutputConfig``, ``SamplingConfig``, ``Generation`` and ``UnitResult`` (plain
+dataclasses that cross the Ray boundary).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from .fs import exists, resolve
+from .prompts import PromptBuilder, PromptConfig, row_seed
+from .reader import read_unit, text_values
+from .shards import WorkUnit
+from .writer import RowResult, output_table, part_name, read_part_info, write_part
+
+if TYPE_CHECKING:
+    from .tokenizer import Codec
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    uri: str
+    format: str = "parquet"
+    mode: str = "enrich"
+    id_column: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    """The engine's answer for one prompt, in plain types."""
+
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    error: str | None = None
+
+
+# prompts, per-row seeds -> one Generation per prompt, in order
+GenerateFn = Callable[[list[list[int]], list[int]], list[Generation]]
+
+
+@dataclass
+class UnitResult:
+    """What a worker reports for a unit (small: counts, tokens, timings, where it went)."""
+
+    unit_id: str
+    rows: int = 0
+    error_rows: int = 0
+    truncated_rows: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    output_path: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    worker: dict[str, str] = field(default_factory=dict)
+    reused: bool = False  # the file was already committed by an earlier attempt
+
+    def to_meta(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("reused")
+        return d
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "UnitResult":
+        known = {k: meta[k] for k in cls.__dataclass_fields__ if k in meta}
+        return cls(**known)
+
+
+class UnitRunner:
+    """Runs units for one actor: prompt building, generation via ``generate``, writing."""
+
+    def __init__(self, prompt_cfg: PromptConfig, output: OutputConfig, sampling: SamplingConfig,
+                 codec: Codec, engine_limit: int, generate: GenerateFn,
+                 before_write: Callable[[WorkUnit], None] | None = None) -> None:
+        self.prompts = PromptBuilder(prompt_cfg, codec, engine_limit)
+        self.prompt_cfg, self.output, self.sampling = prompt_cfg, output, sampling
+        self.codec, self.generate, self.before_write = codec, generate, before_write
+        self.out = resolve(output.uri)
+
+    def committed(self, unit: WorkUnit) -> UnitResult | None:
+        path = self.out.join(part_name(unit.unit_id, self.output.format))
+        if not exists(self.out, path):
+            return None
+        rows, meta = read_part_info(self.out, path)
+        if rows != unit.num_rows:
+            raise ValueError(f"{self.out.uri(path)}: {rows} rows committed, the unit has {unit.num_rows}")
+        res = UnitResult.from_meta(meta)
+        res.reused = True
+        return res
+
+    def run(self, unit: WorkUnit, worker: dict[str, str] | None = None) -> UnitResult:
+        done = self.committed(unit)
+        if done is not None:
+            return done
+        t0 = time.perf_counter()
+        table = read_unit(unit)
+        cfg = self.prompt_cfg
+        rows = table.to_pylist()
+        if cfg.text_column is not None:
+            for row, v in zip(rows, text_values(table, cfg.text_column, unit.file.uri)):
+                row[cfg.text_column] = v
+        t1 = time.perf_counter()
+        prompts = self.prompts.build_batch(rows)
+        todo = [i for i, p in enumerate(prompts) if p.token_ids is not None]
+        id_col = self.output.id_column
+        seeds = [row_seed(self.sampling.seed, unit.file.uri, unit.row_start + i,
+                          rows[i].get(id_col) if id_col else None) for i in todo]
+        t2 = time.perf_counter()
+        gens = self.generate([prompts[i].token_ids for i in todo], seeds) if todo else []  # type: ignore[misc]
+        if len(gens) != len(todo):
+            raise RuntimeError(f"generate returned {len(gens)} outputs for {len(todo)} prompts")
+        t3 = time.perf_counter()
+        results = [RowResult(finish_reason="error", error=p.error, truncated=p.truncated) for p in prompts]
+        for i, g in zip(todo, gens):
+            r = results[i]
+            r.prompt_tokens = g.prompt_tokens or len(prompts[i].token_ids or [])
+            if g.error is not None:
+                r.error, r.finish_reason = g.error, "error"
+            else:
+                r.generated_text = self.codec.decode(g.token_ids)
+                r.finish_reason, r.completion_tokens, r.error = g.finish_reason, len(g.token_ids), None
+        res = UnitResult(
+            unit.unit_id, rows=len(results),
+            error_rows=sum(r.error is not None for r in results),
+            truncated_rows=sum(r.truncated for r in results),
+            prompt_tokens=sum(r.prompt_tokens for r in results),
+            completion_tokens=sum(r.completion_tokens for r in results),
+            worker=dict(worker or {}),
+        )
+        out = output_table(table, results, unit, self.output.mode, id_col)
+        t4 = time.perf_counter()
+        res.timings = {"read_s": t1 - t0, "prompt_s": t2 - t1, "generate_s": t3 - t2,
+                       "build_s": t4 - t3}
+        if self.before_write is not None:
+            self.before_write(unit)
+        res.output_path = self.out.uri(self.out.join(part_name(unit.unit_id, self.output.format)))
+        res.timings["write_s"] = 0.0
+        t5 = time.perf_counter()
+        write_part(self.out, out, unit.unit_id, self.output.format, res.to_meta())
+        res.timings["write_s"] = time.perf_counter() - t5
+        return res

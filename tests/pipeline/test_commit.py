@@ -1,0 +1,130 @@
+"""Unit files, the commit protocol and resume/refusal at the output prefix (local and S3),
+driven through UnitRunner with a plain deterministic generate function (no model needed)."""
+
+import os
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from hymba_batch.pipeline.commit import JobOutput, OutputConflict
+from hymba_batch.pipeline.fs import resolve
+from hymba_batch.pipeline.prompts import PromptConfig
+from hymba_batch.pipeline.shards import list_input_files, plan_units, read_footers
+from hymba_batch.pipeline.tokenizer import load_codec
+from hymba_batch.pipeline.unit import Generation, OutputConfig, SamplingConfig, UnitRunner
+from hymba_batch.pipeline.writer import OUTPUT_SCHEMA
+
+
+def echo_generate(prompts, seeds):
+    """Returns the prompt's last three tokens then EOS: deterministic, checkable."""
+    return [Generation(list(p[-3:]) + [2], "stop", len(p)) for p in prompts]
+
+
+@pytest.fixture()
+def units(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(pa.table({"id": [0, 1, 2, 3, 4], "text": ["alpha", None, "gamma", "", "epsilon"]}),
+                   src / "a.parquet", row_group_size=2)
+    files = list_input_files(str(src))
+    return plan_units(files, read_footers(files), 2)
+
+
+def _runner(codec, uri, fmt="parquet", mode="enrich", id_column="id"):
+    return UnitRunner(PromptConfig(kind="generate", chat=False), OutputConfig(uri, fmt, mode, id_column),
+                      SamplingConfig(max_new_tokens=4), codec, 1000, echo_generate)
+
+
+@pytest.mark.parametrize("fmt,mode", [("parquet", "enrich"), ("arrow", "results")])
+def test_units_commit_and_finalize(tmp_path, units, tokenizer_dir, fmt, mode) -> None:
+    codec = load_codec(tokenizer_dir)
+    uri = str(tmp_path / "out")
+    out = JobOutput(uri, fmt)
+    assert out.prepare("fp-a", {"x": 1}, restart=False) == "new"
+    runner = _runner(codec, uri, fmt, mode)
+    results = [runner.run(u) for u in units]
+    assert sum(r.rows for r in results) == 5 and sum(r.error_rows for r in results) == 2
+    assert runner.run(units[0]).reused  # a retried unit is never written twice
+    manifest = out.finalize(units, {"job": "t"})
+    assert manifest["committed_rows"] == manifest["input_rows"] == 5
+    assert os.path.exists(f"{uri}/_SUCCESS") and not os.path.exists(f"{uri}/_hymba/tmp")
+    assert not [n for n in os.listdir(uri) if n.startswith(".")]  # no temp files left
+    t = ds.dataset(uri, format="parquet" if fmt == "parquet" else "arrow").to_table().sort_by("_source_row")
+    expected = (["id", "text"] if mode == "enrich" else ["id"]) + OUTPUT_SCHEMA.names
+    assert t.column_names == expected
+    assert t.column("_source_row").to_pylist() == [0, 1, 2, 3, 4]
+    assert t.column("generated_text").to_pylist() == ["alpha", None, "gamma", None, "epsilon"]
+    assert t.column("error").to_pylist()[1].startswith("text is null")
+    assert t.column("finish_reason").to_pylist() == ["stop", "error", "stop", "error", "stop"]
+
+
+def test_finalize_refuses_missing_rows(tmp_path, units, tokenizer_dir) -> None:
+    uri = str(tmp_path / "out")
+    out = JobOutput(uri, "parquet")
+    out.prepare("fp", {}, False)
+    runner = _runner(load_codec(tokenizer_dir), uri)
+    for u in units[:-1]:
+        runner.run(u)
+    with pytest.raises(OutputConflict, match="1 unit"):
+        out.finalize(units, {})
+    assert not os.path.exists(f"{uri}/_SUCCESS") and not os.path.exists(f"{uri}/_hymba/manifest.json")
+
+
+def test_fingerprint_change_refused_unless_restart(tmp_path, units, tokenizer_dir) -> None:
+    uri = str(tmp_path / "out")
+    out = JobOutput(uri, "parquet")
+    out.prepare("fp-1", {"prompt": "a", "model": "m"}, False)
+    _runner(load_codec(tokenizer_dir), uri).run(units[0])
+    assert out.prepare("fp-1", {"prompt": "a", "model": "m"}, False) == "resume"
+    assert set(out.committed(units)) == {units[0].unit_id}
+    with pytest.raises(OutputConflict, match="changed: prompt"):
+        out.prepare("fp-2", {"prompt": "b", "model": "m"}, False)
+    assert out.prepare("fp-2", {"prompt": "b", "model": "m"}, True) == "restart"
+    assert out.committed(units) == {}
+
+
+def test_foreign_files_in_output_are_refused(tmp_path) -> None:
+    d = tmp_path / "out"
+    d.mkdir()
+    (d / "someone-elses.csv").write_text("a,b")
+    with pytest.raises(OutputConflict, match="not this job's"):
+        JobOutput(str(d), "parquet").prepare("fp", {}, restart=True)
+
+
+def test_s3_unit_commit_is_atomic_and_listed(s3_bucket, units, tokenizer_dir) -> None:
+    uri = f"s3://{s3_bucket}/out"
+    out = JobOutput(uri, "parquet")
+    out.prepare("fp", {}, False)
+    runner = _runner(load_codec(tokenizer_dir), uri)
+    for u in units:
+        runner.run(u)
+    out.finalize(units, {"job": "s3"})
+    loc = resolve(uri)
+    from pyarrow.fs import FileSelector, FileType
+    names = sorted(i.path.split("/", 1)[1] for i in loc.fs.get_file_info(FileSelector(loc.path, recursive=True))
+                   if i.type == FileType.File)
+    assert [n for n in names if "tmp" in n] == []
+    assert "out/_SUCCESS" in names and "out/_hymba/manifest.json" in names
+    assert len([n for n in names if n.startswith("out/part-")]) == len(units)
+    t = ds.dataset(f"{s3_bucket}/out", filesystem=loc.fs, format="parquet").to_table()
+    assert sorted(t.column("id").to_pylist()) == [0, 1, 2, 3, 4]
+
+
+def test_engine_rejected_rows_become_row_errors(tmp_path, units, tokenizer_dir) -> None:
+    def picky_generate(prompts, seeds):
+        return [Generation([], "error", len(p), error="prompt rejected by the engine") if i == 0
+                else Generation([7, 2], "stop", len(p)) for i, p in enumerate(prompts)]
+
+    uri = str(tmp_path / "out")
+    JobOutput(uri, "parquet").prepare("fp", {}, False)
+    runner = UnitRunner(PromptConfig(kind="generate", chat=False), OutputConfig(uri), SamplingConfig(),
+                        load_codec(tokenizer_dir), 1000, picky_generate)
+    res = runner.run(units[0])  # rows "alpha", None
+    assert res.rows == 2 and res.error_rows == 2
+    t = pq.read_table(f"{uri}/part-{units[0].unit_id}.parquet")
+    assert t.column("error").to_pylist() == ["prompt rejected by the engine", "text is null (column 'text')"]
+    assert t.column("finish_reason").to_pylist() == ["error", "error"]
+    res2 = runner.run(units[2])  # row "epsilon": first prompt of that call, rejected too; the unit still commits
+    assert res2.rows == 1 and os.path.exists(f"{uri}/part-{units[2].unit_id}.parquet")

@@ -1,0 +1,74 @@
+"""The actor pool on a real two-node local Ray cluster: units spread over nodes, output that
+does not depend on the number of actors, and an actor killed mid-unit."""
+
+import json
+import os
+
+import pyarrow.dataset as ds
+import pytest
+
+from conftest import job_dict, write_articles
+from hymba_batch.jobs.driver import run_job
+from hymba_batch.jobs.spec import parse_spec
+from hymba_batch.workers.actor import CRASH_ONCE_ENV
+
+
+def _rows(uri: str) -> list[tuple]:
+    t = ds.dataset(uri, format="parquet").to_table()
+    return sorted(zip(t.column("_source_file").to_pylist(), t.column("_source_row").to_pylist(),
+                      t.column("generated_text").to_pylist(), t.column("completion_tokens").to_pylist()))
+
+
+@pytest.fixture(scope="module")
+def articles(tmp_path_factory):
+    d = tmp_path_factory.mktemp("articles")
+    n = write_articles(d, files=3, rows=8)
+    return d, n
+
+
+def test_one_vs_three_actors_same_output_and_units_spread_over_nodes(ray_cluster, tiny_checkpoint, articles,
+                                                                        tmp_path) -> None:
+    src, n = articles
+    sampling = {"temperature": 0.9, "top_p": 0.95, "seed": 7}
+    one = parse_spec(job_dict(tiny_checkpoint, str(src), str(tmp_path / "one"), task=sampling,
+                              resources={"num_actors": 1}))
+    three = parse_spec(job_dict(tiny_checkpoint, str(src), str(tmp_path / "three"), task=sampling,
+                                resources={"num_actors": 3, "max_in_flight": 1}))
+    s1, s3 = run_job(one), run_job(three)
+    assert s1.state == s3.state == "succeeded"
+    assert len(s3.actors) == 3
+    assert len(s3.nodes) == 2, f"units ran on {s3.nodes}"  # SPREAD over both nodes of the cluster
+    r1, r3 = _rows(str(tmp_path / "one")), _rows(str(tmp_path / "three"))
+    assert len(r1) == n and [r[:2] for r in r1] == sorted({r[:2] for r in r1})
+    assert r1 == r3
+    assert len({r[2] for r in r1}) > 1  # sampling really varies per row
+
+
+def test_actor_killed_mid_unit_is_replaced_and_only_its_unit_redone(ray_cluster, tiny_checkpoint, articles,
+                                                                     tmp_path, monkeypatch) -> None:
+    src, n = articles
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))
+    out = tmp_path / "out"
+    summary = run_job(parse_spec(job_dict(tiny_checkpoint, str(src), str(out),
+                                          resources={"num_actors": 1, "max_in_flight": 1})))
+    assert marker.exists(), "the fault hook never fired"
+    crashed_unit = marker.read_text()
+    assert summary.state == "succeeded"
+    assert summary.actor_restarts == 1 and summary.retried_units == 1
+    assert summary.run_units == summary.total_units == 6
+    rows = _rows(str(out))
+    assert len(rows) == n and len({r[:2] for r in rows}) == n
+    assert (out / f"part-{crashed_unit}.parquet").exists()
+    assert not [p for p in os.listdir(out) if p.startswith(".")]  # the dead actor's temp file is gone
+
+
+def test_bad_checkpoint_fails_fast_with_its_path(ray_cluster, articles, tmp_path) -> None:
+    from hymba_batch.workers.pool import PoolError
+
+    src, _ = articles
+    bogus = tmp_path / "no-such-model"
+    with pytest.raises(PoolError, match="no-such-model"):
+        run_job(parse_spec(job_dict(bogus, str(src), str(tmp_path / "out"))))
+    status = json.loads((tmp_path / "out" / "_hymba" / "status.json").read_text())
+    assert status["state"] == "failed" and "no-such-model" in status["error"]

@@ -1,0 +1,112 @@
+"""The inference actor: loads the model once, owns its Engine, and runs work units end to end
+(read, prompt, generate, write). Only a ``WorkUnit`` comes in and a ``UnitResult`` goes out.
+
+Placement: with a GPU visible (Ray gives the actor ``num_gpus = 1/actors_per_gpu``) the model
+runs on CUDA and the engine takes its share of the GPU memory; with none it runs on the CPU.
+Test hook: ``HYMBA_FAULT_CRASH_ONCE=<path>`` makes the first actor that reaches a unit's write
+create ``<path>`` and exit the process at once (mid-unit), to prove retries lose nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+from hymba_batch.pipeline.prompts import PromptConfig
+from hymba_batch.pipeline.shards import WorkUnit
+from hymba_batch.pipeline.tokenizer import load_codec
+from hymba_batch.pipeline.unit import Generation, OutputConfig, SamplingConfig, UnitResult, UnitRunner
+
+CRASH_ONCE_ENV = "HYMBA_FAULT_CRASH_ONCE"
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    """Everything an actor needs to build its engine and run units (plain, picklable)."""
+
+    model_path: str
+    prompt: PromptConfig
+    output: OutputConfig
+    sampling: SamplingConfig
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    memory_fraction: float = 0.9  # of the whole GPU, already divided by actors per GPU
+    cache_budget_bytes: int | None = None
+    max_num_seqs: int | None = None
+    max_batch_tokens: int | None = None
+    cpu_threads: int | None = None
+
+
+def _crash_hook(unit: WorkUnit) -> None:
+    marker = os.environ.get(CRASH_ONCE_ENV)
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, unit.unit_id.encode())
+    os.close(fd)
+    os._exit(17)
+
+
+class InferenceActor:
+    """One engine, many units. Ray wraps this class (see ``pool``)."""
+
+    def __init__(self, cfg: ActorConfig) -> None:
+        import torch
+
+        from hymba_batch.model import load_model
+        from hymba_batch.model.engine import Engine, EngineConfig
+        from hymba_batch.model.engine.api import SamplingParams
+        from hymba_batch.model.loader import resolve_checkpoint
+
+        self.cfg = cfg
+        self._SamplingParams = SamplingParams
+        if cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
+        cuda = torch.cuda.is_available()
+        if cfg.device == "cuda" and not cuda:
+            raise RuntimeError("model.device is 'cuda' but this actor sees no CUDA device")
+        device = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and cuda)) else "cpu"
+        dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        folder = resolve_checkpoint(cfg.model_path)
+        self.model = load_model(folder, device=device, dtype=getattr(torch, dtype_name))
+        ekw: dict = {"memory_fraction": cfg.memory_fraction}
+        if cfg.cache_budget_bytes:
+            ekw["memory_budget_bytes"] = cfg.cache_budget_bytes
+        if cfg.max_num_seqs:
+            ekw["max_num_seqs"] = cfg.max_num_seqs
+        if cfg.max_batch_tokens:
+            ekw["max_batch_tokens"] = cfg.max_batch_tokens
+        self.engine = Engine(self.model, EngineConfig(**ekw))
+        self.codec = load_codec(folder)
+        if cfg.prompt.chat and not self.codec.has_chat_template:
+            raise RuntimeError(f"task.chat is true but {cfg.model_path} has no chat template")
+        self._lock = threading.Lock()
+        self.device, self.dtype = device, dtype_name
+        self.runner = UnitRunner(cfg.prompt, cfg.output, cfg.sampling, self.codec,
+                                 self.engine.max_prompt_tokens, self._generate, before_write=_crash_hook)
+        import ray
+
+        ctx = ray.get_runtime_context()
+        self.identity = {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id() or "",
+                         "pid": str(os.getpid()), "device": device}
+
+    def _generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Generation]:
+        s = self.cfg.sampling
+        params = [self._SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                       top_p=s.top_p, top_k=s.top_k, seed=seed,
+                                       stop_token_ids=(self.codec.eos_token_id,)) for seed in seeds]
+        with self._lock:  # one engine; other units read and write while this one generates
+            outs = self.engine.generate(prompts, params)
+        return [Generation(list(o.token_ids), o.finish_reason or "error", o.prompt_tokens, o.error) for o in outs]
+
+    def info(self) -> dict[str, str]:
+        """Where this actor runs (node, pid, device)."""
+        return dict(self.identity, dtype=self.dtype, max_prompt_tokens=str(self.engine.max_prompt_tokens))
+
+    def process(self, unit: WorkUnit) -> UnitResult:
+        """Run one unit; the output file is committed when this returns."""
+        return self.runner.run(unit, worker=self.identity)

@@ -1,0 +1,155 @@
+"""The actor pool: units pulled by actors with a bounded number in flight per actor, dead
+actors replaced (the new one loads its model again) and only their units retried, units that
+keep failing quarantined with their error while the rest of the job goes on.
+
+Ray sees only ``WorkUnit`` going in and ``UnitResult`` coming back; the data stays with the
+actors. Actors are spread over nodes. ``HYMBA_*`` and non-secret ``AWS_*`` settings (endpoint,
+region) of the driver are forwarded to the actors' environment; credentials are not (the
+workers use the standard AWS chain of their node).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+from hymba_batch.pipeline.shards import WorkUnit
+from hymba_batch.pipeline.unit import UnitResult
+
+from .actor import ActorConfig, InferenceActor
+
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+class PoolError(RuntimeError):
+    """The pool cannot go on (actors cannot start, or keep dying)."""
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    num_actors: int = 1
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 1.0
+    max_in_flight: int = 2  # units queued or running per actor
+    max_attempts: int = 3  # tries per unit before it is quarantined
+    max_actor_restarts: int = 10  # replacements of dead actors over the whole job
+
+
+@dataclass
+class UnitFailure:
+    unit_id: str
+    attempts: int
+    error: str
+
+
+def forwarded_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.startswith("HYMBA_")}
+    env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
+    return env
+
+
+class ActorPool:
+    """Runs units on ``num_actors`` inference actors."""
+
+    def __init__(self, actor_cfg: ActorConfig, cfg: PoolConfig) -> None:
+        if cfg.num_actors < 1 or cfg.max_in_flight < 1 or cfg.max_attempts < 1:
+            raise ValueError(f"bad pool config {cfg}")
+        self.actor_cfg, self.cfg = actor_cfg, cfg
+        self.remote = ray.remote(InferenceActor).options(
+            num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
+            max_restarts=0, max_task_retries=0, max_concurrency=cfg.max_in_flight,
+            scheduling_strategy="SPREAD", runtime_env={"env_vars": forwarded_env()})
+        self.actors: list[Any] = []
+        self.generation: list[int] = []
+        self.restarts = 0
+        self.retries = 0
+        self.actor_info: list[dict[str, str]] = []
+
+    def _new_actor(self) -> Any:
+        return self.remote.remote(self.actor_cfg)
+
+    def start(self) -> list[dict[str, str]]:
+        """Start every actor and wait until each has loaded its model; PoolError if one fails."""
+        self.actors = [self._new_actor() for _ in range(self.cfg.num_actors)]
+        self.generation = [0] * len(self.actors)
+        try:
+            self.actor_info = ray.get([a.info.remote() for a in self.actors])
+        except (RayActorError, RayTaskError) as e:
+            self.shutdown()
+            raise PoolError(f"an inference actor failed to start: {e}") from e
+        return self.actor_info
+
+    def _replace(self, idx: int, gen: int, why: str) -> None:
+        if self.generation[idx] != gen:
+            return  # already replaced after an earlier failure of the same actor
+        self.restarts += 1
+        if self.restarts > self.cfg.max_actor_restarts:
+            raise PoolError(f"actors died {self.restarts} times (last: {why}); giving up")
+        try:
+            ray.kill(self.actors[idx], no_restart=True)
+        except Exception:  # noqa: BLE001 - the actor is usually already gone; nothing to undo
+            pass
+        self.actors[idx] = self._new_actor()
+        self.generation[idx] += 1
+
+    def run(self, units: list[WorkUnit], on_done: Callable[[UnitResult], None],
+            on_failed: Callable[[UnitFailure], None], stop: Callable[[], bool] = lambda: False) -> None:
+        """Run ``units``; calls ``on_done`` per committed unit and ``on_failed`` per quarantined one."""
+        if not self.actors:
+            self.start()
+        queue: deque[WorkUnit] = deque(units)
+        attempts: dict[str, int] = {}
+        load = [0] * len(self.actors)
+        inflight: dict[Any, tuple[int, int, WorkUnit]] = {}
+        while queue or inflight:
+            while queue and not stop():
+                idx = min(range(len(load)), key=lambda i: load[i])
+                if load[idx] >= self.cfg.max_in_flight:
+                    break
+                unit = queue.popleft()
+                ref = self.actors[idx].process.remote(unit)
+                inflight[ref] = (idx, self.generation[idx], unit)
+                load[idx] += 1
+            if not inflight:
+                break  # stopped with units left
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                idx, gen, unit = inflight.pop(ref)
+                if self.generation[idx] == gen:
+                    load[idx] -= 1
+                try:
+                    on_done(ray.get(ref))
+                    continue
+                except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+                    error = f"actor died: {type(e).__name__}"
+                    self._replace(idx, gen, error)
+                    if self.generation[idx] != gen:
+                        load[idx] = sum(1 for i, g, _ in inflight.values() if i == idx and g == self.generation[idx])
+                except RayTaskError as e:
+                    error = _first_line(e)
+                attempts[unit.unit_id] = attempts.get(unit.unit_id, 0) + 1
+                if attempts[unit.unit_id] >= self.cfg.max_attempts:
+                    on_failed(UnitFailure(unit.unit_id, attempts[unit.unit_id], error))
+                else:
+                    self.retries += 1
+                    queue.appendleft(unit)
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - best effort at teardown; the actor may be gone
+                pass
+        self.actors = []
+
+
+def _first_line(e: RayTaskError) -> str:
+    """The application error of a failed task: its type and message, no Ray traceback."""
+    cause = e.cause if getattr(e, "cause", None) is not None else e
+    msg = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {msg[-1] if msg else ''}"[:2000]
