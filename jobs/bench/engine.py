@@ -228,6 +228,13 @@ def main() -> None:
         pass
     result["ceilings"] = ceil = measure_ceilings()
     rows = []
+
+    def dump() -> None:  # after every section: a killed run still leaves what it measured
+        if a.json_out:
+            os.makedirs(os.path.dirname(a.json_out) or ".", exist_ok=True)
+            with open(a.json_out, "w") as f:
+                f.write(json.dumps(result) + "\n")
+
     if a.workloads:
         model = random_model(cfg, "cuda", torch.bfloat16)
         engine = Engine(model, EngineConfig(max_batch_tokens=a.max_batch_tokens))
@@ -248,10 +255,12 @@ def main() -> None:
                          f"{r['prompt_tok_per_s']:.0f} prompt tok/s", f"x{r['ratio_to_compute_floor']:.2f} compute floor",
                          f"x{r['ratio_to_bandwidth_floor']:.2f} bw floor", f"{r['peak_mem_gib']:.1f} GiB"))
             print(*rows[-1], sep=" | ", flush=True)
+            dump()
         if a.baselines:
             result["bs1_G"] = bs1_baseline(model, 128, 512)
             rows.append(("bs1 G", f"{result['bs1_G']['gen_tok_per_s']:.1f} gen tok/s"))
             print(*rows[-1], sep=" | ", flush=True)
+            dump()
         del engine, model
         torch.cuda.empty_cache()
     if a.baselines:
@@ -270,6 +279,7 @@ def main() -> None:
                 rows.append((f"HF {name}", f"{best['gen_tok_per_s']:.0f} gen tok/s ({best['cache']})",
                              f"ours x{result[f'ratio_vs_hf_{name}']:.1f}"))
                 print(*rows[-1], sep=" | ", flush=True)
+            dump()
         if "bs1_G" in result and "G" in result:
             result["ratio_vs_bs1_G"] = result["G"]["gen_tok_per_s"] / result["bs1_G"]["gen_tok_per_s"]
     if a.actors:
@@ -279,13 +289,10 @@ def main() -> None:
             result.setdefault("actors_per_gpu", []).append(r)
             rows.append((f"{k} actors", f"{r['docs_per_s']:.1f} docs/s aggregate"))
             print(*rows[-1], sep=" | ", flush=True)
+            dump()
     print("\n".join(" | ".join(r) for r in rows))
-    line = json.dumps(result)
-    if a.json_out:
-        os.makedirs(os.path.dirname(a.json_out) or ".", exist_ok=True)
-        with open(a.json_out, "w") as f:
-            f.write(line + "\n")
-    print(line)
+    dump()
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

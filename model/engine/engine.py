@@ -12,6 +12,7 @@ from an iterator of any length while holding at most ``max_waiting`` requests in
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -58,7 +59,7 @@ class Engine:
         self._ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
         self._done: list[RequestOutput] = []  # finished outside a step (rejected requests)
-        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0}
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "prefill_s": 0.0, "decode_s": 0.0}
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -113,6 +114,8 @@ class Engine:
         if batch is None:
             return finished
         self.stats["steps"] += 1
+        t0 = time.perf_counter()
+        kind = "decode_s" if isinstance(batch, DecodeBatch) else "prefill_s"
         if isinstance(batch, DecodeBatch):
             seqs = batch.seqs
             dev = self.model.device
@@ -133,7 +136,8 @@ class Engine:
             to_sample = [batch.seqs[i] for i in keep]
             logits = logits[keep] if len(keep) != len(batch.seqs) else logits
         if to_sample:
-            finished += self._sample_and_update(to_sample, logits)
+            finished += self._sample_and_update(to_sample, logits)  # syncs: the step is done
+        self.stats[kind] += time.perf_counter() - t0
         return finished
 
     def _sample_and_update(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:

@@ -207,13 +207,16 @@ class DecodeGraphs:
     def run(self, slot_idx: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         b = ids.shape[0]
         size = self.bucket(b)
+        scratch = self.runner.cache.scratch_slot
+        if size not in self.graphs:  # warm-up and capture run the step: only on scratch lanes
+            self.slot[:size].fill_(scratch)
+            self.pos[:size].zero_()
+            self._capture(size)
         self.ids[:b].copy_(ids)
         self.slot[:b].copy_(slot_idx)
         self.pos[:b].copy_(pos)
-        self.slot[b:size].fill_(self.runner.cache.scratch_slot)
+        self.slot[b:size].fill_(scratch)
         self.pos[b:size].zero_()
-        if size not in self.graphs:
-            self._capture(size)
         g, out = self.graphs[size]
         g.replay()
-        return out[:b]
+        return out[:b].clone()  # the static buffer is overwritten by the next replay

@@ -41,13 +41,14 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torc
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Batched fast path: q [B, nh, Tq, d]; k [B, nkv, Tk, d]; v [B, nkv, Tk, dv];
-    mask [B, 1, Tq, Tk] bool. Returns [B, nh, Tq, dv]. Uses PyTorch SDPA (flash / efficient /
-    cuDNN kernels chosen by PyTorch); GQA by expanding KV heads."""
+    mask [B, 1, Tq, Tk] bool. Returns [B, nh, Tq, dv]. Uses PyTorch SDPA (cuDNN / efficient
+    kernels chosen by PyTorch); GQA natively on CUDA, by expanding KV heads on the CPU."""
     nh, nkv = q.shape[1], k.shape[1]
-    if nh != nkv:
+    if nh != nkv and not q.is_cuda:
         k = k.repeat_interleave(nh // nkv, dim=1)
         v = v.repeat_interleave(nh // nkv, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(q.shape[-1]),
+                                          enable_gqa=nh != nkv)
 
 
 # ---- decode over the engine's caches -----------------------------------------------------------

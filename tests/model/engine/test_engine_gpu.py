@@ -11,6 +11,7 @@ from hymba_batch.model.kernels import backend
 
 
 pytestmark = pytest.mark.gpu
+SMALL = EngineConfig(memory_budget_bytes=1 << 28)  # many engines per test process
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,7 +33,7 @@ def gold16(shared_dir):
 
 
 def _teacher_forced(model, prompt, gen):
-    engine = Engine(model, EngineConfig(max_num_seqs=2))
+    engine = Engine(model, EngineConfig(max_num_seqs=2, memory_budget_bytes=1 << 28))
     slot = engine.cache.allocate_slot()
     engine.cache.reserve_blocks(slot, len(prompt) + len(gen))
     rows = [engine.runner.prefill([slot], [0], [prompt])[0]]
@@ -61,7 +62,7 @@ def test_bf16_engine_vs_fp32_reference(gold16, golden, i):
 
 def _logits_of(model, prompts, max_batch_tokens=8192):
     """Last-prompt-token logits of every prompt, prefilled together."""
-    engine = Engine(model, EngineConfig(max_batch_tokens=max_batch_tokens))
+    engine = Engine(model, EngineConfig(max_batch_tokens=max_batch_tokens, memory_budget_bytes=1 << 28))
     slots = [engine.cache.allocate_slot() for _ in prompts]
     for s, p in zip(slots, prompts):
         engine.cache.reserve_blocks(s, len(p))
@@ -74,18 +75,18 @@ def test_alone_equals_mixed_batch_fp32(gold32, rand_prompts):
     for j in (0, 5, 15):
         alone = _logits_of(gold32, [prompts[j]])
         assert (alone[0] - mixed[j]).abs().max() <= 1e-4
-    out_mixed = Engine(gold32).generate(prompts, SamplingParams(max_new_tokens=20, ignore_eos=True))
-    out_alone = Engine(gold32).generate([prompts[5]], SamplingParams(max_new_tokens=20, ignore_eos=True))
+    out_mixed = Engine(gold32, SMALL).generate(prompts, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    out_alone = Engine(gold32, SMALL).generate([prompts[5]], SamplingParams(max_new_tokens=20, ignore_eos=True))
     assert out_alone[0].token_ids == out_mixed[5].token_ids
 
 
 def test_chunked_equals_whole_and_decode_equals_full_forward(gold32, rand_prompts):
     prompt = rand_prompts(1, 200, 200, seed=12)[0]
-    whole = Engine(gold32)
+    whole = Engine(gold32, SMALL)
     s = whole.cache.allocate_slot()
     whole.cache.reserve_blocks(s, 260)
     ref = whole.runner.prefill([s], [0], [prompt])
-    chunked = Engine(gold32)
+    chunked = Engine(gold32, SMALL)
     c = chunked.cache.allocate_slot()
     chunked.cache.reserve_blocks(c, 260)
     for start in range(0, 195, 13):

@@ -1,0 +1,66 @@
+"""Triton RMSNorm, the fast twin of ``rmsnorm.rmsnorm_ref``.
+
+One program normalises ``BLOCK_M`` rows of ``D`` features: fp32 sum of squares, ``rsqrt``, the
+normalised row rounded to the activation dtype, then multiplied by the weight (rounded to the
+activation dtype first, the product rounded again), exactly the ref's two roundings. Small ``D``
+(the 16-wide B/C norms, the 100-wide dt norm) packs many rows into one program; large ``D``
+(1600, 3200) takes one or two rows per program.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, M, D, stride_xm, stride_ym, eps,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    mask_m = rows < M
+    mask_d = cols < D
+    mask = mask_m[:, None] & mask_d[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    ms = tl.sum(x * x, axis=1) / D
+    rstd = 1.0 / tl.sqrt(ms + eps)
+    out_ty = y_ptr.dtype.element_ty
+    normed = (x * rstd[:, None]).to(out_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask_d, other=0.0).to(out_ty).to(tl.float32)
+    # A product of two values of the activation dtype is exact in fp32 (bf16/fp16 mantissas), so
+    # rounding it once equals the ref's product in the activation dtype.
+    y = (normed * w[None, :]).to(out_ty)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y, mask=mask)
+
+
+# Elements per program (rows x padded D); the benchmark (jobs/bench/kernels.py) overrides it.
+RMSNORM_CONFIG = {"MAX_TILE": 2048}
+
+
+def _config(D: int) -> tuple[int, int, int]:
+    block_d = triton.next_power_of_2(D)
+    block_m = max(1, min(1024, RMSNORM_CONFIG["MAX_TILE"] // block_d))
+    tile = block_m * block_d
+    num_warps = 1 if tile <= 256 else 2 if tile <= 1024 else 4 if tile <= 4096 else 8
+    return block_m, block_d, num_warps
+
+
+def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D], weight [D] -> [..., D] in x.dtype (see ``rmsnorm_ref``)."""
+    D = x.shape[-1]
+    if D > 65536:
+        raise ValueError(f"rmsnorm_triton supports D <= 65536, got {D}")
+    x2 = x.reshape(-1, D)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty((M, D), dtype=x.dtype, device=x.device)
+    if M > 0 and D > 0:
+        w = weight if weight.stride(0) == 1 else weight.contiguous()
+        block_m, block_d, num_warps = _config(D)
+        _rmsnorm_kernel[(triton.cdiv(M, block_m),)](
+            x2, w, y, M, D, x2.stride(0), y.stride(0), float(eps),
+            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps)
+    return y.view(x.shape)
