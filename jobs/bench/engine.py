@@ -268,7 +268,7 @@ def main() -> None:
             best = None
             for cache in ("dynamic", "static"):
                 try:
-                    r = hf_llama_baseline(plen, new, n=256, batch=128 if name == "S" else 256, cache=cache)
+                    r = hf_llama_baseline(plen, new, n=128, batch=128, cache=cache)
                 except Exception as e:  # recorded, not hidden: the JSON says which setting failed
                     r = {"cache": cache, "error": repr(e)[:300]}
                 result.setdefault("hf_llama", {}).setdefault(name, []).append(r)
