@@ -74,34 +74,3 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tokenizer_dir() -> Path:
     """The real Hymba tokenizer files (no weights needed)."""
     return Path(__file__).resolve().parents[1] / "model" / "assets" / "tokenizer"
-
-
-def write_articles(folder: Path, files: int = 3, rows: int = 8, row_group_size: int = 4) -> int:
-    """Small Parquet inputs: ``files`` files of ``rows`` short articles; returns the row count."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    folder.mkdir(parents=True, exist_ok=True)
-    n = 0
-    for f in range(files):
-        ids = list(range(n, n + rows))
-        texts = [f"Article {i}: the council met about park {i % 5} and voted." for i in ids]
-        pq.write_table(pa.table({"id": ids, "text": texts}), folder / f"part-{f}.parquet",
-                       row_group_size=row_group_size)
-        n += rows
-    return n
-
-
-def job_dict(model: Path | str, input_uri: str, output_uri: str, **sections) -> dict:
-    """A small, fast job spec (as a dict) for tests; ``sections`` update its sections."""
-    spec = {
-        "name": "test-job",
-        "model": {"path": str(model), "cache_budget_mb": 32, "max_num_seqs": 16},
-        "input": {"uri": input_uri, "text_column": "text", "id_column": "id", "rows_per_unit": 4},
-        "task": {"kind": "summarize", "chat": False, "max_new_tokens": 4},
-        "output": {"uri": output_uri, "format": "parquet", "mode": "enrich"},
-        "resources": {"num_actors": 1, "cpus_per_actor": 1, "max_in_flight": 2},
-    }
-    for k, v in sections.items():
-        spec[k] = {**spec.get(k, {}), **v} if isinstance(v, dict) else v
-    return spec

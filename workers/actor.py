@@ -10,7 +10,6 @@ create ``<path>`` and exit the process at once (mid-unit), to prove retries lose
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 
 from hymba_batch.pipeline.prompts import PromptConfig
@@ -59,6 +58,7 @@ class InferenceActor:
 
         from hymba_batch.model import load_model
         from hymba_batch.model.engine import Engine, EngineConfig
+        from hymba_batch.model.engine.threaded import ThreadedEngine
         from hymba_batch.model.engine.api import SamplingParams
         from hymba_batch.model.loader import resolve_checkpoint
 
@@ -81,10 +81,10 @@ class InferenceActor:
         if cfg.max_batch_tokens:
             ekw["max_batch_tokens"] = cfg.max_batch_tokens
         self.engine = Engine(self.model, EngineConfig(**ekw))
+        self.frontend = ThreadedEngine(self.engine)  # units in flight share one continuous batch
         self.codec = load_codec(folder)
         if cfg.prompt.chat and not self.codec.has_chat_template:
             raise RuntimeError(f"task.chat is true but {cfg.model_path} has no chat template")
-        self._lock = threading.Lock()
         self.device, self.dtype = device, dtype_name
         self.runner = UnitRunner(cfg.prompt, cfg.output, cfg.sampling, self.codec,
                                  self.engine.max_prompt_tokens, self._generate, before_write=_crash_hook)
@@ -99,8 +99,7 @@ class InferenceActor:
         params = [self._SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                        top_p=s.top_p, top_k=s.top_k, seed=seed,
                                        stop_token_ids=(self.codec.eos_token_id,)) for seed in seeds]
-        with self._lock:  # one engine; other units read and write while this one generates
-            outs = self.engine.generate(prompts, params)
+        outs = self.frontend.generate(prompts, params)
         return [Generation(list(o.token_ids), o.finish_reason or "error", o.prompt_tokens, o.error) for o in outs]
 
     def info(self) -> dict[str, str]:

@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
-from conftest import job_dict, write_articles
+from jobhelpers import job_dict, write_articles
 from hymba_batch.jobs.driver import run_job
 from hymba_batch.jobs.spec import parse_spec
 from hymba_batch.pipeline.commit import OutputConflict

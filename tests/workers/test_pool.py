@@ -7,7 +7,7 @@ import os
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import job_dict, write_articles
+from jobhelpers import job_dict, write_articles
 from hymba_batch.jobs.driver import run_job
 from hymba_batch.jobs.spec import parse_spec
 from hymba_batch.workers.actor import CRASH_ONCE_ENV

@@ -140,3 +140,42 @@ def test_real_config_costs_match_the_architecture_doc(shared_dir):
     swa_ring = 14 * 1025 * 1920
     assert cb.slot == swa_ring + 3_276_800 + 614_400
     assert cb.meta - 32 * 3200 * 3 * 2 - 32 * 3200 * 16 * 4 == 4_177_920
+
+
+def test_threaded_front_end_shares_one_batch_across_callers(tiny_model, rand_prompts):
+    import threading
+
+    from hymba_batch.model.engine.threaded import ThreadedEngine
+
+    prompts = rand_prompts(8, 2, 30, seed=6)
+    params = [SamplingParams(max_new_tokens=6, temperature=0.8, seed=i, ignore_eos=True) for i in range(8)]
+    expected = [o.token_ids for o in Engine(tiny_model).generate(prompts, params)]
+    front = ThreadedEngine(Engine(tiny_model))
+    results: dict[int, list] = {}
+
+    def caller(k):
+        outs = front.generate(prompts[4 * k:4 * k + 4], params[4 * k:4 * k + 4])
+        results[k] = [o.token_ids for o in outs]
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results[0] + results[1] == expected  # concurrent callers, same tokens as one batch
+
+
+def test_threaded_front_end_fails_waiters_instead_of_hanging(tiny_model):
+    from hymba_batch.model.engine.threaded import ThreadedEngine
+
+    engine = Engine(tiny_model)
+
+    def broken_step():
+        raise RuntimeError("device lost")
+
+    engine.step = broken_step
+    front = ThreadedEngine(engine)
+    with pytest.raises(RuntimeError, match="device lost"):
+        front.generate([[1, 2, 3]], [SamplingParams(max_new_tokens=2)])
+    with pytest.raises(RuntimeError, match="failed earlier"):
+        front.generate([[1, 2, 3]], [SamplingParams(max_new_tokens=2)])
