@@ -111,6 +111,10 @@ class Engine:
         """Run one prefill or decode step; return the requests that finished in it."""
         finished, self._done = self._done, []
         batch = self.scheduler.schedule()
+        for seq, error in self.scheduler.rejected:
+            del self._seqs[seq.request_id]
+            finished.append(RequestOutput(seq.request_id, seq.output, "error", len(seq.prompt), error))
+        self.scheduler.rejected.clear()
         if batch is None:
             return finished
         self.stats["steps"] += 1

@@ -55,6 +55,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        self.rejected: list[tuple[Sequence, str]] = []  # requests that can never fit the cache
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -94,9 +95,11 @@ class Scheduler:
             if used == 0:  # no blocks for it now
                 self.cache.free(slot)
                 seq.slot = None
-                if not self.running and not batch.seqs:
-                    raise MemoryError(f"request {seq.request_id}: the cache cannot hold its prompt "
-                                      f"({len(seq.tokens)} tokens); raise the memory budget")
+                if not self.running and not batch.seqs:  # nothing will free up: it never fits
+                    self.waiting.popleft()
+                    self.rejected.append((seq, f"the cache cannot hold this request ({len(seq.tokens)} "
+                                               "tokens); raise the engine's memory budget"))
+                    continue
                 break
             self.waiting.popleft()
             self.running.append(seq)

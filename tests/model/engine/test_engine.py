@@ -179,3 +179,14 @@ def test_threaded_front_end_fails_waiters_instead_of_hanging(tiny_model):
         front.generate([[1, 2, 3]], [SamplingParams(max_new_tokens=2)])
     with pytest.raises(RuntimeError, match="failed earlier"):
         front.generate([[1, 2, 3]], [SamplingParams(max_new_tokens=2)])
+
+
+def test_request_too_large_for_the_cache_is_a_per_request_error(tiny_model):
+    cb = cache_bytes(tiny_model.config, 4, 4)
+    table_row = 4 * (tiny_model.config.max_position_embeddings // 16)
+    budget = cb.meta + 3 * (cb.slot + table_row) + 4 * 16 * cb.per_global_token  # 3 blocks of 16 usable
+    engine = Engine(tiny_model, EngineConfig(memory_budget_bytes=budget, block_size=16, max_num_seqs=2,
+                                             expected_context=16))
+    outs = engine.generate([[1] + [5] * 60, [1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert outs[0].finish_reason == "error" and "cannot hold" in outs[0].error
+    assert outs[1].finish_reason == "length" and outs[1].completion_tokens == 4
