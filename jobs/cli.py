@@ -1,14 +1,22 @@
-"""The ``hymba-batch`` command: ``run``, ``validate``, ``schema``, ``status`` and ``demo``.
+"""The ``hymba-batch`` command: ``run``, ``validate``, ``schema``, ``status``, ``demo``, and the
+Ray job commands ``submit``, ``status JOB_ID --address``, ``logs`` and ``cancel`` (jobs/submit.py).
 
 Exit codes: 0 done, 1 the job failed (units quarantined, see the summary), 2 a bad spec or
-input (the message names the field, file or column), 130 cancelled (committed work is kept).
+input (the message names the field, file or column) or a refused submission, 3 another run
+holds the output's lease (incremental mode; nothing was done), 130 cancelled (Ctrl-C, or the
+SIGTERM of ``hymba-batch cancel`` / ``ray job stop``; committed work is kept).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import time
+from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 
@@ -24,17 +32,114 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--restart", action="store_true",
                    help="delete another run's output in output.uri and start over")
     r.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    r.add_argument("--incremental", action="store_true",
+                   help="process only input files no earlier run into output.uri processed (or that changed)")
+    r.add_argument("--every", metavar="DURATION", default=None,
+                   help="with --incremental: run now, then at every tick (30m, 1h, 1d) until Ctrl-C")
+    r.add_argument("--run-id", default=None, help="name of this incremental run (default: UTC time + random)")
+    r.add_argument("--max-iterations", type=int, default=None, help=argparse.SUPPRESS)  # tests of --every
     v = sub.add_parser("validate", help="check a spec (and with --plan, list its input and units)")
     v.add_argument("spec")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     v.add_argument("--plan", action="store_true", help="also list the input and cut it into units")
     sub.add_parser("schema", help="print the job spec's JSON schema")
-    s = sub.add_parser("status", help="print the status of a job from its output prefix")
-    s.add_argument("output_uri")
+    s = sub.add_parser("status", help="status of a job: from its output prefix, or a Ray job id with --address")
+    s.add_argument("target", metavar="OUTPUT_URI|JOB_ID")
+    s.add_argument("--address", default=None, help="Ray job server, e.g. http://127.0.0.1:8265 (or $RAY_ADDRESS)")
     d = sub.add_parser("demo", help="sample data + tiny model + local S3 API + local Ray, end to end")
     d.add_argument("--workdir", default=None, help="folder for the demo's files (default: a new temp folder)")
     d.add_argument("--rows", type=int, default=300)
+    sb = sub.add_parser("submit", help="submit a job to a Ray cluster's job server")
+    sb.add_argument("spec", help="job spec YAML")
+    sb.add_argument("--address", default=None, help="Ray job server, e.g. http://127.0.0.1:8265 (or $RAY_ADDRESS)")
+    sb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sb.add_argument("--incremental", action="store_true", help="an incremental run (see `run --incremental`)")
+    sb.add_argument("--window", default=None,
+                    help="schedule window id added to the submission id (default for incremental jobs: the "
+                         "current UTC window of schedule.window); the same window is never submitted twice")
+    for name, text in (("logs", "print a submitted job's log"), ("cancel", "stop a submitted job (keeps "
+                                                                              "committed units)")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("job_id")
+        c.add_argument("--address", default=None, help="Ray job server (or $RAY_ADDRESS)")
+        if name == "logs":
+            c.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     return ap
+
+
+def _looks_like_output(target: str) -> bool:
+    return "://" in target or "/" in target or target.startswith(("~", ".")) or os.path.exists(target)
+
+
+def every_loop(run_once: Callable[[], int], interval_s: float, max_iterations: int | None = None,
+               sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+               say: Callable[[str], None] = print) -> int:
+    """Call ``run_once`` now and at every later tick ``start + k * interval_s``; a run that
+    overruns skips the ticks it missed (runs never overlap). Ends on a bad spec (2), Ctrl-C
+    (130) or after ``max_iterations``; returns the last run's exit code."""
+    start = clock()
+    done = 0
+    while True:
+        rc = run_once()
+        done += 1
+        if rc in (2, 130) or (max_iterations is not None and done >= max_iterations):
+            return rc
+        now = clock()
+        nxt = start + (math.floor((now - start) / interval_s) + 1) * interval_s
+        say(f"next run in {nxt - now:.0f} s (Ctrl-C to stop)")
+        try:
+            sleep(nxt - now)
+        except KeyboardInterrupt:
+            return 130
+
+
+def _run_once(spec, args, console: Console, err: Console) -> int:  # noqa: ANN001 - JobSpec, Namespace
+    from hymba_batch.pipeline.lease import LeaseHeld
+    from hymba_batch.workers.pool import PoolError
+
+    from .driver import run_job
+    from .progress import RichReporter, summary_table
+    reporter = None if args.no_progress else RichReporter(console=err)
+    try:
+        summary = run_job(spec, restart=args.restart, reporter=reporter, incremental=args.incremental,
+                          run_id=args.run_id)
+    except LeaseHeld as e:
+        err.print(f"[yellow]skipped[/]: {e}", highlight=False, soft_wrap=True)
+        return 3
+    except PoolError as e:
+        err.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        err.print("cancelled; committed units are kept")
+        return 130
+    console.print(summary_table(summary))
+    if summary.run_id:
+        console.print(f"run {summary.run_id}: {summary.new_files} new, {summary.changed_files} changed, "
+                      f"{summary.unchanged_files} unchanged input file(s)", soft_wrap=True)
+    return {"succeeded": 0, "failed": 1, "cancelled": 130}[summary.state]
+
+
+def _ray_commands(args: argparse.Namespace, console: Console) -> int:
+    from . import submit as sj
+
+    if args.cmd == "submit":
+        from .spec import load_spec
+
+        spec = load_spec(args.spec, args.overrides)
+        sub = sj.plan_submission(spec, incremental=args.incremental, window=args.window)
+        sj.submit(args.address, sub, say=lambda sid: console.print(
+            f"submitted [bold]{sid}[/]\n  hymba-batch status {sid} --address ADDRESS\n"
+            f"  hymba-batch logs {sid} --address ADDRESS --follow", highlight=False, soft_wrap=True))
+        return 0
+    if args.cmd == "status":
+        print(json.dumps(sj.job_status(args.address, args.target), indent=2, sort_keys=True, default=str))
+        return 0
+    if args.cmd == "logs":
+        sj.job_logs(args.address, args.job_id, args.follow, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        return 0
+    doc = sj.cancel(args.address, args.job_id, say=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(doc, indent=2, sort_keys=True, default=str))
+    return 0 if doc["ray_status"] in sj.TERMINAL else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     from hymba_batch.pipeline.commit import OutputConflict
     from hymba_batch.pipeline.shards import InputError
 
-    from .spec import JobSpec, SpecError, load_spec
+    from .spec import JobSpec, SpecError, load_spec, parse_duration
+    from .submit import SubmitError
 
     try:
         if args.cmd == "schema":
@@ -52,15 +158,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "demo":
             from .demo import run_demo
             return run_demo(args.workdir, args.rows, console)
-        if args.cmd == "status":
+        if args.cmd == "status" and (args.address is None and not os.environ.get("RAY_ADDRESS")
+                                     or _looks_like_output(args.target)):
             from hymba_batch.pipeline.commit import JobOutput
-            out = JobOutput(args.output_uri, "parquet")
-            doc = out.read_status()
+            if not _looks_like_output(args.target):
+                err.print(f"{args.target}: not an output path; for a Ray job id pass --address URL")
+                return 2
+            doc = JobOutput(args.target, "parquet").read_status()
             if doc is None:
-                err.print(f"{args.output_uri}: no _hymba/status.json (no job has run there)")
+                err.print(f"{args.target}: no _hymba/status.json (no job has run there)")
                 return 2
             print(json.dumps(doc, indent=2, sort_keys=True))
             return 0
+        if args.cmd in ("submit", "status", "logs", "cancel"):
+            return _ray_commands(args, console)
         spec = load_spec(args.spec, args.overrides)
         if args.cmd == "validate":
             if args.plan:
@@ -70,19 +181,30 @@ def main(argv: list[str] | None = None) -> int:
                               f"unit(s); fingerprint {plan.fingerprint[:12]}", soft_wrap=True)
             console.print(f"[green]ok[/]: {args.spec}", soft_wrap=True)
             return 0
-        from hymba_batch.workers.pool import PoolError
+        from hymba_batch.pipeline.incremental import check_run_id
 
-        from .driver import run_job
-        from .progress import RichReporter, summary_table
-        reporter = None if args.no_progress else RichReporter(console=err)
+        from .driver import handle_stop_signals
+        if args.run_id:
+            try:
+                check_run_id(args.run_id)
+            except ValueError as e:
+                raise SpecError(f"--run-id: {e}") from None
+        handle_stop_signals()
+        err.print(f"hymba-batch code: {Path(__file__).resolve().parent.parent}", highlight=False, soft_wrap=True)
+        args.incremental = args.incremental or spec.schedule.incremental
+        if args.every is None:
+            return _run_once(spec, args, console, err)
+        if not args.incremental:
+            raise SpecError("--every: only for incremental runs (add --incremental or schedule.incremental: true)")
+        if args.run_id:
+            raise SpecError("--run-id: not with --every (each run gets its own id)")
         try:
-            summary = run_job(spec, restart=args.restart, reporter=reporter)
-        except PoolError as e:
-            err.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
-            return 1
-        console.print(summary_table(summary))
-        return {"succeeded": 0, "failed": 1, "cancelled": 130}[summary.state]
-    except (SpecError, InputError, OutputConflict) as e:
+            interval = parse_duration(args.every, "--every")
+        except ValueError as e:
+            raise SpecError(str(e)) from None
+        return every_loop(lambda: _run_once(spec, args, console, err), interval, args.max_iterations,
+                          say=lambda m: err.print(m, highlight=False))
+    except (SpecError, InputError, OutputConflict, SubmitError) as e:
         err.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:

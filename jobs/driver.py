@@ -4,19 +4,29 @@
 Only unit descriptions and unit results pass through here; rows never do. Re-running the same
 job resumes from the committed files; a job whose fingerprint changed is refused unless
 ``restart`` is asked. Ctrl-C stops dispatching, keeps everything committed, and marks the
-status ``cancelled``. Knows nothing of prompts or tensors beyond the spec's values.
+status ``cancelled`` (the ``run`` command turns Ray's job-stop SIGTERM into the same).
+
+Incremental runs (``schedule.incremental`` or ``incremental=True``) hold the output prefix's
+lease for their whole life, process only the input files the prefix's state does not list (or
+lists with another size or mtime), and commit per run (``pipeline/incremental.py``); their
+fingerprint leaves out the input snapshot, so new input files are not a changed job.
+Knows nothing of prompts or tensors beyond the spec's values.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from hymba_batch.pipeline.commit import JobOutput, fingerprint
+from hymba_batch.pipeline.fs import write_json
+from hymba_batch.pipeline.incremental import RunState, Selection, check_run_id, new_run_id
+from hymba_batch.pipeline.lease import Lease
 from hymba_batch.pipeline.prompts import PromptConfig, template_variables
 from hymba_batch.pipeline.shards import (InputFile, WorkUnit, check_schema, list_input_files, plan_units,
                                          read_footers)
@@ -69,6 +79,10 @@ class JobSummary:
     elapsed_s: float = 0.0
     actors: list[dict[str, str]] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)
+    run_id: str | None = None  # incremental runs
+    new_files: int = 0
+    changed_files: int = 0
+    unchanged_files: int = 0
 
 
 def _model_identity(path: str) -> dict[str, Any]:
@@ -81,10 +95,30 @@ def _model_identity(path: str) -> dict[str, Any]:
     return ident
 
 
-def plan_job(spec: JobSpec) -> Plan:
-    """List the input, read footers, check columns, cut units, and fingerprint the job."""
-    files = list_input_files(spec.input.uri)
-    metas = read_footers(files)
+def fingerprint_parts(spec: JobSpec, files: list[InputFile] | None) -> dict[str, Any]:
+    """The job's identity: model, prompt, sampling, output shape, and the input snapshot
+    (``files``), or for an incremental job (``files=None``) only the input's URI and unit size."""
+    t = spec.task
+    if files is None:
+        inp: dict[str, Any] = {"incremental": True, "uri": spec.input.uri, "rows_per_unit": spec.input.rows_per_unit}
+    else:
+        snapshot = hashlib.sha256(json.dumps([(f.uri, f.size, f.mtime_ns) for f in files]).encode()).hexdigest()
+        inp = {"files": len(files), "snapshot": snapshot, "rows_per_unit": spec.input.rows_per_unit}
+    return {
+        "model": _model_identity(spec.model.path) | {"dtype": spec.model.dtype},
+        "prompt": t.model_dump(include={"kind", "prompt", "template", "system", "chat", "max_input_tokens",
+                                        "truncation"}) | {"text_column": spec.input.text_column,
+                                                          "id_column": spec.input.id_column},
+        "sampling": t.model_dump(include={"max_new_tokens", "temperature", "top_p", "top_k", "seed"}),
+        "input": inp,
+        "output": spec.output.model_dump(include={"format", "mode"}),
+    }
+
+
+def plan_job(spec: JobSpec, files: list[InputFile] | None = None, incremental: bool = False) -> Plan:
+    """List the input (or take ``files``), read footers, check columns, cut units, fingerprint."""
+    files = list_input_files(spec.input.uri) if files is None else files
+    metas = read_footers(files) if files else []
     t = spec.task
     required = set(template_variables(t.template)) if t.kind == "template" and t.template else set()
     if spec.input.id_column:
@@ -92,16 +126,7 @@ def plan_job(spec: JobSpec) -> Plan:
     for f, m in zip(files, metas):
         check_schema(f, m, spec.input.text_column, required, set(RESERVED_COLUMNS))
     units = plan_units(files, metas, spec.input.rows_per_unit)
-    snapshot = hashlib.sha256(json.dumps([(f.uri, f.size, f.mtime_ns) for f in files]).encode()).hexdigest()
-    parts = {
-        "model": _model_identity(spec.model.path) | {"dtype": spec.model.dtype},
-        "prompt": t.model_dump(include={"kind", "prompt", "template", "system", "chat", "max_input_tokens",
-                                        "truncation"}) | {"text_column": spec.input.text_column,
-                                                          "id_column": spec.input.id_column},
-        "sampling": t.model_dump(include={"max_new_tokens", "temperature", "top_p", "top_k", "seed"}),
-        "input": {"files": len(files), "snapshot": snapshot, "rows_per_unit": spec.input.rows_per_unit},
-        "output": spec.output.model_dump(include={"format", "mode"}),
-    }
+    parts = fingerprint_parts(spec, None if incremental else files)
     return Plan(files, units, fingerprint(parts), parts)
 
 
@@ -137,17 +162,38 @@ def _placement(spec: JobSpec, cluster_gpus: float) -> tuple[str, int, float, int
     return "cuda", r.num_actors or gpus * k, 1.0 / k, k
 
 
+_stop_signals = False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the first one starts the orderly stop
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def handle_stop_signals() -> None:
+    """Treat SIGTERM (``ray job stop``, ``hymba-batch cancel``, Kubernetes) like Ctrl-C: stop
+    dispatching, keep what is committed, mark the status ``cancelled`` (``ray.init`` replaces
+    the handler with a plain exit, so it is installed again after connecting)."""
+    global _stop_signals
+    _stop_signals = True
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def _ensure_ray(spec: JobSpec) -> None:
     import ray
 
     if not ray.is_initialized():
         ray.init(address=spec.resources.ray_address, include_dashboard=False, log_to_driver=True)
+        if _stop_signals:
+            signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 class _Status:
-    """Aggregates unit results into the status document and writes it (at most every 0.2 s)."""
+    """Aggregates unit results into the status document and writes it (at most every 0.2 s;
+    an incremental run's forced writes also go to ``_hymba/runs/<run_id>/status.json``)."""
 
-    def __init__(self, out: JobOutput, job_id: str, spec: JobSpec, plan: Plan, done: dict[str, UnitResult]):
+    def __init__(self, out: JobOutput, job_id: str, spec: JobSpec, plan: Plan, done: dict[str, UnitResult],
+                 extra: dict[str, Any] | None = None, run_path: str | None = None):
         self.out, self.job_id, self.name, self.plan = out, job_id, spec.name, plan
         self.done = dict(done)
         self.failed: list[dict[str, Any]] = []
@@ -155,6 +201,7 @@ class _Status:
         self.resumed_rows = sum(r.rows for r in done.values())
         self.error: str | None = None
         self.last_write = 0.0
+        self.extra, self.run_path = extra or {}, run_path
 
     @property
     def rows(self) -> int:
@@ -181,28 +228,90 @@ class _Status:
             "rows_per_s": rate, "tokens_per_s": self.new_tokens / max(now - self.started, 1e-9),
             "eta_s": (left / rate) if rate > 0 else None,
             "started_at": self.started, "updated_at": now, "error": self.error,
-        }
+        } | self.extra
 
     def write(self, state: str, force: bool = False) -> None:
         if force or time.monotonic() - self.last_write >= 0.2:
-            self.out.write_status(self.document(state))
+            doc = self.document(state)
+            self.out.write_status(doc)
+            if force and self.run_path:
+                write_json(self.out.loc, self.run_path, doc, self.out.tmp)
             self.last_write = time.monotonic()
 
 
-def run_job(spec: JobSpec, restart: bool = False, reporter: Reporter | None = None) -> JobSummary:
-    """Run (or resume) a job to the end; returns its summary. Raises on plan or output errors."""
+CommitFn = Callable[[], dict[str, Any]]
+
+
+def run_job(spec: JobSpec, restart: bool = False, reporter: Reporter | None = None,
+            incremental: bool = False, run_id: str | None = None) -> JobSummary:
+    """Run (or resume) a job to the end; returns its summary. Raises on plan or output errors.
+
+    ``incremental`` (or ``spec.schedule.incremental``) runs only the input files that earlier
+    runs into the output did not process, under the prefix's lease (LeaseHeld when another run
+    holds it); ``run_id`` names such a run (default: UTC time + random suffix).
+    """
+    t0 = time.time()
+    out = JobOutput(spec.output.uri, spec.output.format)
+    if not (incremental or spec.schedule.incremental):
+        plan = plan_job(spec)
+        job_id = f"{spec.name}-{plan.fingerprint[:12]}"
+        out.prepare(plan.fingerprint, plan.parts, restart)
+        status = _Status(out, job_id, spec, plan, out.committed(plan.units), {"run_id": run_id} if run_id else None)
+        return _execute(spec, plan, out, status, t0, reporter,
+                        lambda: _committed_manifest(out, plan) or out.finalize(plan.units, {
+                            "job": spec.name, "job_id": job_id, "fingerprint": plan.fingerprint,
+                            "fingerprint_parts": plan.parts, "spec": spec.model_dump(mode="json"),
+                            "started_at": t0, "elapsed_s": time.time() - t0}))
+    run_id = check_run_id(run_id or new_run_id())
+    lease = Lease(spec.output.uri, run_id, spec.schedule.lease_ttl).acquire()
+    try:
+        parts = fingerprint_parts(spec, None)
+        out.prepare(fingerprint(parts), parts, restart, keep=("lease.json", "lease.lock"))
+        state = RunState(out)
+        sel: Selection = state.select(list_input_files(spec.input.uri))
+        plan = plan_job(spec, sel.todo, incremental=True)
+        orphans = state.remove_orphans({u.unit_id for u in plan.units})
+        done = out.committed(plan.units, strays="ignore")
+        extra = {"run_id": run_id, "incremental": True, "new_files": len(sel.new),
+                 "changed_files": len(sel.changed), "unchanged_files": len(sel.unchanged),
+                 "removed_orphan_parts": len(orphans),
+                 "lease_taken_over": (lease.took_over or {}).get("run_id")}
+        status = _Status(out, run_id, spec, plan, done, extra, out.loc.join("_hymba", "runs", run_id, "status.json"))
+        state.begin(bool(plan.units))
+
+        def commit() -> dict[str, Any]:
+            lease.check()
+            return state.commit(run_id, sel, plan.units, {
+                "job": spec.name, "fingerprint": plan.fingerprint, "fingerprint_parts": plan.parts,
+                "spec": spec.model_dump(mode="json"), "started_at": t0, "elapsed_s": time.time() - t0,
+                "removed_orphan_parts": orphans, "lease_taken_over": lease.took_over})
+
+        summary = _execute(spec, plan, out, status, t0, reporter, commit)
+    finally:
+        lease.release()
+    summary.run_id = run_id
+    summary.new_files, summary.changed_files, summary.unchanged_files = len(sel.new), len(sel.changed), len(sel.unchanged)
+    return summary
+
+
+def _committed_manifest(out: JobOutput, plan: Plan) -> dict[str, Any] | None:
+    """The manifest an earlier run of this same job committed (then a re-run rewrites nothing)."""
+    old = out.read_manifest()
+    if old and old.get("fingerprint") == plan.fingerprint and \
+            sorted(f["unit_id"] for f in old.get("files", [])) == sorted(u.unit_id for u in plan.units):
+        return old
+    return None
+
+
+def _execute(spec: JobSpec, plan: Plan, out: JobOutput, status: _Status, t0: float,
+             reporter: Reporter | None, commit: CommitFn) -> JobSummary:
+    """Run the plan's uncommitted units on the actor pool, then ``commit``; the summary."""
     from hymba_batch.workers.pool import ActorPool, PoolConfig, UnitFailure
 
-    t0 = time.time()
-    plan = plan_job(spec)
-    job_id = f"{spec.name}-{plan.fingerprint[:12]}"
-    out = JobOutput(spec.output.uri, spec.output.format)
-    out.prepare(plan.fingerprint, plan.parts, restart)
-    done = out.committed(plan.units)
-    status = _Status(out, job_id, spec, plan, done)
+    done = status.done
     todo = [u for u in plan.units if u.unit_id not in done]
     rows_of = {u.unit_id: u.num_rows for u in plan.units}
-    summary = JobSummary(job_id, "running", out.uri, total_rows=plan.total_rows, total_units=len(plan.units),
+    summary = JobSummary(status.job_id, "running", out.uri, total_rows=plan.total_rows, total_units=len(plan.units),
                          resumed_units=len(done))
     if reporter:
         reporter.start(plan.total_rows, status.rows)
@@ -235,11 +344,7 @@ def run_job(spec: JobSpec, restart: bool = False, reporter: Reporter | None = No
             summary.retried_units, summary.actor_restarts = pool.retries, pool.restarts
         state = "failed" if status.failed else "succeeded"
         if state == "succeeded":
-            manifest = out.finalize(plan.units, {
-                "job": spec.name, "job_id": job_id, "fingerprint": plan.fingerprint,
-                "fingerprint_parts": plan.parts, "spec": spec.model_dump(mode="json"),
-                "started_at": status.started, "elapsed_s": time.time() - t0})
-            summary.truncated_rows = manifest["truncated_rows"]
+            summary.truncated_rows = commit()["truncated_rows"]
         status.write(state, force=True)
     except KeyboardInterrupt:
         state = "cancelled"

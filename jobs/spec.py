@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hymba_batch.pipeline.fs import check_uri
 from hymba_batch.pipeline.prompts import compile_template
 
 
@@ -55,6 +56,11 @@ class InputSpec(_Strict):
                                                     "for per-row sampling seeds.")
     rows_per_unit: int = Field(4096, ge=1, description="Target rows per work unit (whole row groups are packed "
                                                        "up to this; larger row groups are split).")
+
+    @field_validator("uri")
+    @classmethod
+    def _check_uri(cls, v: str) -> str:
+        return check_uri(v)
 
 
 class TaskSpec(_Strict):
@@ -97,6 +103,11 @@ class OutputSpec(_Strict):
     mode: Literal["enrich", "results"] = Field("enrich", description="enrich: keep every input column; "
                                                                      "results: only the id column and the results.")
 
+    @field_validator("uri")
+    @classmethod
+    def _check_uri(cls, v: str) -> str:
+        return check_uri(v)
+
 
 class ResourcesSpec(_Strict):
     ray_address: str | None = Field(None, description="Ray cluster to join (None: the running one, or start local Ray).")
@@ -109,6 +120,45 @@ class ResourcesSpec(_Strict):
     max_attempts: int = Field(3, ge=1, description="Tries per unit before it is quarantined as failed.")
 
 
+_DURATION = re.compile(r"^\s*(?:(\d+)\s*d)?\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*(?:(\d+)\s*s)?\s*$")
+
+
+def parse_duration(text: str, what: str = "duration") -> int:
+    """Seconds in ``text``: ``90``, ``45s``, ``30m``, ``1h``, ``1h30m``, ``2d``; ValueError naming ``what``."""
+    raw = str(text).strip().lower()
+    if raw.isdigit():
+        secs = int(raw)
+    else:
+        m = _DURATION.match(raw)
+        if not raw or not m or not any(m.groups()):
+            raise ValueError(f"{what}: {text!r} is not a duration (e.g. 90, 45s, 30m, 1h, 1h30m, 2d)")
+        d, h, mi, se = (int(g or 0) for g in m.groups())
+        secs = ((d * 24 + h) * 60 + mi) * 60 + se
+    if secs <= 0:
+        raise ValueError(f"{what}: {text!r} must be longer than zero")
+    return secs
+
+
+class ScheduleSpec(_Strict):
+    incremental: bool = Field(False, description="Process only input files that no earlier run into output.uri "
+                                                 "processed, or that changed since (by path, size and "
+                                                 "modification time); each run commits its own manifest "
+                                                 "(same as `run --incremental`).")
+    lease_ttl: int = Field(900, ge=1, le=7 * 86400,
+                           description="Seconds an incremental run's lease (output.uri/_hymba/lease.json) lives "
+                                       "without renewal. The running job renews it every lease_ttl/3 s; a crashed "
+                                       "run's lease is taken over once it is this old (at once when the crashed "
+                                       "process ran on the same host).")
+    window: str = Field("1h", description="Schedule window (a duration: 30m, 1h, 1d). `hymba-batch submit` of an "
+                                          "incremental job names its submission after the current UTC window, so "
+                                          "a second submission in the same window is refused by Ray.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScheduleSpec":
+        parse_duration(self.window, "schedule.window")
+        return self
+
+
 class JobSpec(_Strict):
     name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Job name (for status and logs).")
     model: ModelSpec = Field(description="The checkpoint and how to run it.")
@@ -116,6 +166,7 @@ class JobSpec(_Strict):
     task: TaskSpec = Field(default_factory=TaskSpec, description="What to generate per row.")
     output: OutputSpec = Field(description="Where the results go.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Ray actors and GPUs.")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Scheduled incremental runs.")
 
     @model_validator(mode="after")
     def _check(self) -> "JobSpec":

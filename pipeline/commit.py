@@ -69,7 +69,7 @@ class JobOutput:
                 out[uid] = info.path
         return out
 
-    def prepare(self, fp: str, parts: dict[str, Any], restart: bool) -> str:
+    def prepare(self, fp: str, parts: dict[str, Any], restart: bool, keep: tuple[str, ...] = ()) -> str:
         """Claim the prefix for this fingerprint; returns 'new', 'resume' or 'restart'."""
         old = read_json(self.loc, self.job_path)
         foreign = [posixpath.basename(i.path) for i in self._listing()
@@ -89,7 +89,7 @@ class JobOutput:
                     f"output.uri {self.uri} holds another run's output (fingerprint "
                     f"{old.get('fingerprint', '?')[:12]}, this job {fp[:12]}; changed: {', '.join(changed)}). "
                     f"Re-run with --restart to delete it and start over, or choose another output.uri")
-            self.clear()
+            self.clear(keep)
             state = "restart"
         elif old is not None:
             state = "resume"
@@ -98,20 +98,31 @@ class JobOutput:
                                                  "created_at": time.time()}, self.tmp)
         return state
 
-    def clear(self) -> None:
-        """Remove a previous job's files: the success marker and manifest first, then parts."""
+    def clear(self, keep: tuple[str, ...] = ()) -> None:
+        """Remove a previous job's files: the success marker and manifest first, then parts,
+        then ``_hymba/`` except the names in ``keep`` (an incremental run keeps its lease)."""
         for p in (self.success_path, self.manifest_path):
             delete_prefix(self.loc, p)
         for path in self.parts().values():
             self.loc.fs.delete_file(path)
-        delete_prefix(self.loc, self.meta)
+        if not keep:
+            delete_prefix(self.loc, self.meta)
+            return
+        sel = pafs.FileSelector(self.meta, recursive=False, allow_not_found=True)
+        for info in self.loc.fs.get_file_info(sel):
+            if posixpath.basename(info.path) not in keep:
+                delete_prefix(self.loc, info.path)
 
-    def committed(self, units: list[WorkUnit], threads: int = 16) -> dict[str, UnitResult]:
-        """Results of the units already committed in the prefix (their files' metadata)."""
+    def committed(self, units: list[WorkUnit], threads: int = 16, strays: str = "error") -> dict[str, UnitResult]:
+        """Results of the units already committed in the prefix (their files' metadata). Files of
+        units not in ``units`` are an error, or with ``strays='ignore'`` (an incremental run,
+        whose plan covers only new files) left alone."""
         by_id = {u.unit_id: u for u in units}
         found = self.parts()
         stray = sorted(set(found) - set(by_id))
-        if stray:
+        if strays == "ignore":
+            found = {uid: p for uid, p in found.items() if uid in by_id}
+        elif stray:
             raise OutputConflict(f"output.uri {self.uri}: files for units not in this job's plan "
                                  f"({[posixpath.basename(found[s]) for s in stray[:3]]}); use --restart")
 

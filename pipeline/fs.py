@@ -1,7 +1,9 @@
 """Filesystems for job URIs: local paths and ``s3://`` (any S3-compatible store), through
 ``pyarrow.fs``. The S3 endpoint comes from ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``),
-the region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, credentials from the standard AWS chain
-(never read, logged or stored here).
+the region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, tries per request from
+``AWS_MAX_ATTEMPTS`` (default 10, standard retry strategy: jittered exponential backoff on
+throttling, 5xx, resets and timeouts), credentials from the standard AWS chain (never read,
+logged or stored here).
 
 Also owns the small helpers every other module uses: joining paths, atomic writes (local temp
 file + rename; on S3 a temporary key, then a server-side copy to the final key), JSON objects.
@@ -42,9 +44,25 @@ def _s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+DEFAULT_S3_MAX_ATTEMPTS = 10
+
+
+def s3_max_attempts() -> int:
+    """Tries per S3 request: ``AWS_MAX_ATTEMPTS`` (the AWS SDKs' own setting, which boto3 reads
+    too), default 10. Throttling (503 SlowDown), 5xx, connection resets and timeouts are retried
+    with jittered exponential backoff (the AWS SDK's standard retry strategy)."""
+    raw = os.environ.get("AWS_MAX_ATTEMPTS", "")
+    try:
+        n = int(raw) if raw.strip() else DEFAULT_S3_MAX_ATTEMPTS
+    except ValueError:
+        raise ValueError(f"AWS_MAX_ATTEMPTS={raw!r} is not an integer") from None
+    return max(1, n)
+
+
 @lru_cache(maxsize=8)
-def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
-    kw: dict[str, Any] = {"region": region}
+def _s3_filesystem(endpoint: str | None, region: str, max_attempts: int) -> pafs.S3FileSystem:
+    kw: dict[str, Any] = {"region": region,
+                          "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts)}
     if endpoint:
         kw["endpoint_override"] = endpoint
         if endpoint.startswith("http://"):
@@ -53,22 +71,30 @@ def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
-    """The S3 filesystem for the current environment (endpoint override and region)."""
+    """The S3 filesystem for the current environment (endpoint override, region, retries)."""
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return _s3_filesystem(_s3_endpoint(), region)
+    return _s3_filesystem(_s3_endpoint(), region, s3_max_attempts())
 
 
-def resolve(uri: str) -> Location:
-    """Parse a local path, ``file://`` URI or ``s3://bucket/key`` URI into a Location."""
-    if not uri:
+def check_uri(uri: str) -> str:
+    """``uri`` if it is a local path, ``file://`` or ``s3://bucket[/prefix]`` URI, else ValueError
+    (no I/O: the job spec checks its URIs with this)."""
+    if not uri or not uri.strip():
         raise ValueError("empty URI")
     if uri.startswith("s3://"):
         path = uri[len("s3://"):].rstrip("/")
         if not path or path.startswith("/"):
             raise ValueError(f"{uri}: not an s3://bucket/prefix URI")
-        return Location(s3_filesystem(), path, "s3")
-    if "://" in uri and not uri.startswith("file://"):
+    elif "://" in uri and not uri.startswith("file://"):
         raise ValueError(f"{uri}: unsupported URI scheme (use s3:// or a local path)")
+    return uri
+
+
+def resolve(uri: str) -> Location:
+    """Parse a local path, ``file://`` URI or ``s3://bucket/key`` URI into a Location."""
+    check_uri(uri)
+    if uri.startswith("s3://"):
+        return Location(s3_filesystem(), uri[len("s3://"):].rstrip("/"), "s3")
     local = uri[len("file://"):] if uri.startswith("file://") else uri
     path = os.path.abspath(os.path.expanduser(local))
     return Location(pafs.LocalFileSystem(), path, "file")

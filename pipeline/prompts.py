@@ -119,8 +119,8 @@ class PromptBuilder:
                 bodies[i] = self._body(row)
                 texts.append(self._full_text(self._message(row, bodies[i])))
                 where.append(i)
-            except (ValueError, jinja2.TemplateError) as e:
-                out[i] = Prompt(None, error=f"{type(e).__name__}: {e}" if isinstance(e, jinja2.TemplateError) else str(e))
+            except Exception as e:  # noqa: BLE001 - any failure of one row's prompt is that row's error
+                out[i] = Prompt(None, error=_row_error(e))
         for i, ids in zip(where, self.codec.encode_prompts(texts, self.cfg.chat)):
             if len(ids) <= self.limit:
                 out[i] = Prompt(list(ids))
@@ -146,8 +146,8 @@ class PromptBuilder:
                 if len(ids) <= self.limit:
                     return Prompt(ids, truncated=True)
                 cut += len(ids) - self.limit
-        except jinja2.TemplateError as e:
-            return Prompt(None, error=f"{type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - as in build_batch: a row error, never a unit failure
+            return Prompt(None, error=_row_error(e))
         return Prompt(None, error=f"prompt is {n_tokens} tokens and cannot be cut to the limit of "
                                   f"{self.limit} by truncating its text")
 
@@ -160,6 +160,14 @@ class PromptBuilder:
             return dec(ids[:keep])
         head = (keep + 1) // 2
         return dec(ids[:head]) + MIDDLE_MARK + dec(ids[len(ids) - (keep - head):]) if keep > 1 else dec(ids[:1])
+
+
+def _row_error(e: Exception) -> str:
+    """A row's error message: our own checks as they are, anything else (a template that raises
+    in the sandbox, divides by zero, adds a string to a number...) with its type."""
+    if isinstance(e, ValueError) and not isinstance(e, jinja2.TemplateError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
 
 
 def row_seed(base_seed: int, source_file: str, source_row: int, row_id: Any = None) -> int:

@@ -18,7 +18,10 @@ def read_unit(unit: WorkUnit, columns: list[str] | None = None) -> pa.Table:
     """The unit's rows (all columns, or ``columns``), partition columns appended."""
     f = unit.file
     loc = resolve(f.uri)
-    info = loc.fs.get_file_info(loc.path)
+    try:
+        info = loc.fs.get_file_info(loc.path)
+    except OSError as e:  # S3 errors that outlived the retries name the bucket and key
+        raise InputError(f"{f.uri}: cannot read the file's information ({e})") from e
     mtime, planned = info.mtime_ns or 0, f.mtime_ns
     if loc.scheme == "s3":  # a HEAD gives whole seconds where some stores' listings give milliseconds
         mtime, planned = mtime // 1_000_000_000, planned // 1_000_000_000

@@ -87,10 +87,12 @@ class UnitRunner:
 
     def __init__(self, prompt_cfg: PromptConfig, output: OutputConfig, sampling: SamplingConfig,
                  codec: Codec, engine_limit: int, generate: GenerateFn,
-                 before_write: Callable[[WorkUnit], None] | None = None) -> None:
+                 before_write: Callable[[WorkUnit], None] | None = None,
+                 generate_stats: Callable[[], dict[str, float]] | None = None) -> None:
         self.prompts = PromptBuilder(prompt_cfg, codec, engine_limit)
         self.prompt_cfg, self.output, self.sampling = prompt_cfg, output, sampling
         self.codec, self.generate, self.before_write = codec, generate, before_write
+        self.generate_stats = generate_stats  # engine counters after a generate call (into timings)
         self.out = resolve(output.uri)
 
     def committed(self, unit: WorkUnit) -> UnitResult | None:
@@ -147,6 +149,8 @@ class UnitRunner:
         t4 = time.perf_counter()
         res.timings = {"read_s": t1 - t0, "prompt_s": t2 - t1, "generate_s": t3 - t2,
                        "build_s": t4 - t3}
+        if todo and self.generate_stats is not None:
+            res.timings.update(self.generate_stats())
         if self.before_write is not None:
             self.before_write(unit)
         res.output_path = self.out.uri(self.out.join(part_name(unit.unit_id, self.output.format)))

@@ -3,13 +3,21 @@
 
 Placement: with a GPU visible (Ray gives the actor ``num_gpus = 1/actors_per_gpu``) the model
 runs on CUDA and the engine takes its share of the GPU memory; with none it runs on the CPU.
-Test hook: ``HYMBA_FAULT_CRASH_ONCE=<path>`` makes the first actor that reaches a unit's write
-create ``<path>`` and exit the process at once (mid-unit), to prove retries lose nothing.
+Test hooks: ``HYMBA_FAULT_CRASH_ONCE=<path>`` makes the first actor that reaches a unit's write
+create ``<path>`` and exit the process at once (mid-unit), to prove retries lose nothing;
+``HYMBA_FAULT_POISON_UNIT=<text>`` makes every actor that starts a unit whose id contains
+``<text>`` exit at once (a unit that kills its process every time, like a crashing kernel).
+
+Engine failures: prompts are limited to what the cache can hold next to ``max_new_tokens``
+(a longer one is truncated or a row error, never an engine out-of-memory), and when the engine
+does fail, its units get the error and the actor builds a fresh engine on the same weights
+for the next ones (a failed ``ThreadedEngine`` accepts no more work).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 from hymba_batch.pipeline.prompts import PromptConfig
@@ -18,6 +26,7 @@ from hymba_batch.pipeline.tokenizer import load_codec
 from hymba_batch.pipeline.unit import Generation, OutputConfig, SamplingConfig, UnitResult, UnitRunner
 
 CRASH_ONCE_ENV = "HYMBA_FAULT_CRASH_ONCE"
+POISON_UNIT_ENV = "HYMBA_FAULT_POISON_UNIT"
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,12 @@ def _crash_hook(unit: WorkUnit) -> None:
     os._exit(17)
 
 
+def _poison_hook(unit: WorkUnit) -> None:
+    text = os.environ.get(POISON_UNIT_ENV)
+    if text and text in unit.unit_id:
+        os._exit(18)
+
+
 class InferenceActor:
     """One engine, many units. Ray wraps this class (see ``pool``)."""
 
@@ -80,14 +95,24 @@ class InferenceActor:
             ekw["max_num_seqs"] = cfg.max_num_seqs
         if cfg.max_batch_tokens:
             ekw["max_batch_tokens"] = cfg.max_batch_tokens
+        self._engine_args = (Engine, EngineConfig(**ekw), ThreadedEngine)
+        self._reset_lock = threading.Lock()
         self.engine = Engine(self.model, EngineConfig(**ekw))
         self.frontend = ThreadedEngine(self.engine)  # units in flight share one continuous batch
+        shape = self.engine.cache.shape
+        capacity = ((shape.num_blocks - 1) * shape.block_size  # one sequence alone, minus the scratch block
+                    if self.engine.cache.has_global_layers else self.engine.max_context)
+        prompt_limit = min(self.engine.max_prompt_tokens, capacity - cfg.sampling.max_new_tokens)
+        if prompt_limit < 1:
+            raise RuntimeError(f"the engine cache holds {capacity} tokens per sequence, not enough for "
+                               f"task.max_new_tokens={cfg.sampling.max_new_tokens}; raise model.cache_budget_mb")
         self.codec = load_codec(folder)
         if cfg.prompt.chat and not self.codec.has_chat_template:
             raise RuntimeError(f"task.chat is true but {cfg.model_path} has no chat template")
         self.device, self.dtype = device, dtype_name
         self.runner = UnitRunner(cfg.prompt, cfg.output, cfg.sampling, self.codec,
-                                 self.engine.max_prompt_tokens, self._generate, before_write=_crash_hook)
+                                 prompt_limit, self._generate, before_write=_crash_hook,
+                                 generate_stats=self._generate_stats)
         import ray
 
         ctx = ray.get_runtime_context()
@@ -99,8 +124,21 @@ class InferenceActor:
         params = [self._SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                        top_p=s.top_p, top_k=s.top_k, seed=seed,
                                        stop_token_ids=(self.codec.eos_token_id,)) for seed in seeds]
-        outs = self.frontend.generate(prompts, params)
+        frontend = self.frontend
+        try:
+            outs = frontend.generate(prompts, params)
+        except Exception:
+            with self._reset_lock:  # the first unit to see a dead engine replaces it
+                if self.frontend is frontend and getattr(frontend, "_error", None) is not None:
+                    engine_cls, engine_cfg, frontend_cls = self._engine_args
+                    self.engine = engine_cls(self.model, engine_cfg)
+                    self.frontend = frontend_cls(self.engine)
+            raise
         return [Generation(list(o.token_ids), o.finish_reason or "error", o.prompt_tokens, o.error) for o in outs]
+
+    def _generate_stats(self) -> dict[str, float]:
+        """Engine counters when a unit's generation ended (cumulative for this engine)."""
+        return {"engine_preemptions": float(self.engine.scheduler.num_preemptions)}
 
     def info(self) -> dict[str, str]:
         """Where this actor runs (node, pid, device)."""
@@ -108,4 +146,5 @@ class InferenceActor:
 
     def process(self, unit: WorkUnit) -> UnitResult:
         """Run one unit; the output file is committed when this returns."""
+        _poison_hook(unit)
         return self.runner.run(unit, worker=self.identity)
