@@ -4,13 +4,14 @@ keep failing quarantined with their error while the rest of the job goes on.
 
 Ray sees only ``WorkUnit`` going in and ``UnitResult`` coming back; the data stays with the
 actors. Actors are spread over nodes. ``HYMBA_*`` and non-secret ``AWS_*`` settings (endpoint,
-region) of the driver are forwarded to the actors' environment; credentials are not (the
+region, retries) of the driver are forwarded to the actors' environment; credentials are not (the
 workers use the standard AWS chain of their node).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -23,7 +24,8 @@ from hymba_batch.pipeline.unit import UnitResult
 
 from .actor import ActorConfig, InferenceActor
 
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
 
 
 class PoolError(RuntimeError):
@@ -38,6 +40,7 @@ class PoolConfig:
     max_in_flight: int = 2  # units queued or running per actor
     max_attempts: int = 3  # tries per unit before it is quarantined
     max_actor_restarts: int = 10  # replacements of dead actors over the whole job
+    actor_start_timeout_s: float = 900.0  # with no actor running, how long to wait for replacements
 
 
 @dataclass
@@ -69,6 +72,8 @@ class ActorPool:
         self.restarts = 0
         self.retries = 0
         self.actor_info: list[dict[str, str]] = []
+        self.ready: list[bool] = []  # loaded its model and may get units
+        self.starting: dict[Any, tuple[int, int]] = {}  # info() of replacements -> (actor, generation)
 
     def _new_actor(self) -> Any:
         return self.remote.remote(self.actor_cfg)
@@ -77,6 +82,7 @@ class ActorPool:
         """Start every actor and wait until each has loaded its model; PoolError if one fails."""
         self.actors = [self._new_actor() for _ in range(self.cfg.num_actors)]
         self.generation = [0] * len(self.actors)
+        self.ready = [True] * len(self.actors)
         try:
             self.actor_info = ray.get([a.info.remote() for a in self.actors])
         except (RayActorError, RayTaskError) as e:
@@ -85,6 +91,7 @@ class ActorPool:
         return self.actor_info
 
     def _replace(self, idx: int, gen: int, why: str) -> None:
+        """Replace a dead actor; the new one gets units once it has loaded its model."""
         if self.generation[idx] != gen:
             return  # already replaced after an earlier failure of the same actor
         self.restarts += 1
@@ -96,44 +103,106 @@ class ActorPool:
             pass
         self.actors[idx] = self._new_actor()
         self.generation[idx] += 1
+        self.ready[idx] = False
+        self.starting[self.actors[idx].info.remote()] = (idx, self.generation[idx])
 
     def run(self, units: list[WorkUnit], on_done: Callable[[UnitResult], None],
             on_failed: Callable[[UnitFailure], None], stop: Callable[[], bool] = lambda: False) -> None:
-        """Run ``units``; calls ``on_done`` per committed unit and ``on_failed`` per quarantined one."""
+        """Run ``units``; calls ``on_done`` per committed unit and ``on_failed`` per quarantined one.
+
+        A unit's failed try counts against ``max_attempts`` when it raised, or when its actor died
+        while running it alone. Units that were in flight together on an actor that died are not
+        charged; each is retried alone on an idle actor (so an innocent unit is never quarantined
+        for sharing an actor with one that kills it). A replacement actor gets work only once it
+        has loaded its model: one that cannot be placed (its node is gone, the cluster is full)
+        never holds units hostage while other actors can run them.
+        """
         if not self.actors:
             self.start()
+        n = len(self.actors)
         queue: deque[WorkUnit] = deque(units)
         attempts: dict[str, int] = {}
-        load = [0] * len(self.actors)
+        suspects: set[str] = set()  # died alongside other units: next try runs alone
+        load = [0] * n
+        alone = [False] * n  # running a suspect unit by itself
         inflight: dict[Any, tuple[int, int, WorkUnit]] = {}
+        died: dict[tuple[int, int], int] = {}  # (actor, generation) -> units in flight when it died
+        waiting_since: float | None = None
+
+        def pick() -> tuple[int, int] | None:
+            """(queue position, actor) of the next unit that can be dispatched now."""
+            idle = next((i for i in range(n) if self.ready[i] and load[i] == 0), None)
+            free = [i for i in range(n) if self.ready[i] and not alone[i] and load[i] < self.cfg.max_in_flight]
+            plain = min(free, key=lambda i: load[i]) if free else None
+            for pos, unit in enumerate(queue):
+                if unit.unit_id in suspects:
+                    if idle is not None:
+                        return pos, idle
+                elif plain is not None:
+                    return pos, plain
+                if idle is None and plain is None:
+                    return None
+            return None
+
         while queue or inflight:
             while queue and not stop():
-                idx = min(range(len(load)), key=lambda i: load[i])
-                if load[idx] >= self.cfg.max_in_flight:
+                choice = pick()
+                if choice is None:
                     break
-                unit = queue.popleft()
+                pos, idx = choice
+                unit = queue[pos]
+                del queue[pos]
+                alone[idx] = unit.unit_id in suspects
                 ref = self.actors[idx].process.remote(unit)
                 inflight[ref] = (idx, self.generation[idx], unit)
                 load[idx] += 1
-            if not inflight:
-                break  # stopped with units left
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            if not inflight and (stop() or not queue):
+                break  # stopped with units left, or done
+            if not inflight and not self.starting:
+                raise PoolError(f"no inference actor is left to run {len(queue)} unit(s)")
+            if not inflight:  # only replacements that are still starting
+                waiting_since = waiting_since or time.monotonic()
+                if time.monotonic() - waiting_since > self.cfg.actor_start_timeout_s:
+                    raise PoolError(f"no inference actor could be started in {self.cfg.actor_start_timeout_s:.0f} s "
+                                    f"({len(queue)} unit(s) left)")
+            else:
+                waiting_since = None
+            ready, _ = ray.wait(list(inflight) + list(self.starting), num_returns=1, timeout=1.0)
             for ref in ready:
+                if ref in self.starting:
+                    idx, gen = self.starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except (RayActorError, RayTaskError) as e:
+                        self._replace(idx, gen, f"a replacement actor failed to start: {type(e).__name__}")
+                        continue
+                    if self.generation[idx] == gen:
+                        self.ready[idx], load[idx], alone[idx] = True, 0, False
+                    continue
                 idx, gen, unit = inflight.pop(ref)
                 if self.generation[idx] == gen:
                     load[idx] -= 1
+                    alone[idx] = False
+                charge = True
                 try:
                     on_done(ray.get(ref))
+                    suspects.discard(unit.unit_id)
                     continue
                 except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
                     error = f"actor died: {type(e).__name__}"
-                    self._replace(idx, gen, error)
-                    if self.generation[idx] != gen:
-                        load[idx] = sum(1 for i, g, _ in inflight.values() if i == idx and g == self.generation[idx])
+                    if (idx, gen) not in died:
+                        died[(idx, gen)] = 1 + sum(1 for i, g, _ in inflight.values() if (i, g) == (idx, gen))
+                    if self.generation[idx] == gen:
+                        self._replace(idx, gen, error)
+                        load[idx], alone[idx] = 0, False
+                    if died[(idx, gen)] > 1:  # not alone: which unit killed it is unknown
+                        charge = False
+                        suspects.add(unit.unit_id)
                 except RayTaskError as e:
                     error = _first_line(e)
-                attempts[unit.unit_id] = attempts.get(unit.unit_id, 0) + 1
-                if attempts[unit.unit_id] >= self.cfg.max_attempts:
+                if charge:
+                    attempts[unit.unit_id] = attempts.get(unit.unit_id, 0) + 1
+                if attempts.get(unit.unit_id, 0) >= self.cfg.max_attempts:
                     on_failed(UnitFailure(unit.unit_id, attempts[unit.unit_id], error))
                 else:
                     self.retries += 1
@@ -146,6 +215,7 @@ class ActorPool:
             except Exception:  # noqa: BLE001 - best effort at teardown; the actor may be gone
                 pass
         self.actors = []
+        self.starting = {}
 
 
 def _first_line(e: RayTaskError) -> str:
