@@ -111,7 +111,7 @@ def test_hf_repo_id_from_local_cache(tmp_path, tiny_ckpt, monkeypatch):
 
 
 def test_s3_checkpoint_downloaded_once_and_reused(tmp_path, tiny_ckpt, monkeypatch):
-    boto3 = pytest.importorskip("boto3")  # a hard dependency; import guard only for clarity
+    import boto3
     from moto.server import ThreadedMotoServer
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
