@@ -6,18 +6,19 @@ runs on CUDA and the engine takes its share of the GPU memory; with none it runs
 Test hooks: ``HYMBA_FAULT_CRASH_ONCE=<path>`` makes the first actor that reaches a unit's write
 create ``<path>`` and exit the process at once (mid-unit), to prove retries lose nothing;
 ``HYMBA_FAULT_POISON_UNIT=<text>`` makes every actor that starts a unit whose id contains
-``<text>`` exit at once (a unit that kills its process every time, like a crashing kernel).
+``<text>`` exit at once (a unit that kills its process every time, like a crashing kernel);
+``HYMBA_FAULT_ENGINE_ERROR_ONCE=<path>`` makes one engine step raise, as a device error would.
 
 Engine failures: prompts are limited to what the cache can hold next to ``max_new_tokens``
 (a longer one is truncated or a row error, never an engine out-of-memory), and when the engine
-does fail, its units get the error and the actor builds a fresh engine on the same weights
-for the next ones (a failed ``ThreadedEngine`` accepts no more work).
+does fail (a CUDA error leaves the process's context unusable), the actor exits: Ray restarts
+it with a fresh model and the pool retries its units.
 """
 
 from __future__ import annotations
 
 import os
-import threading
+import sys
 from dataclasses import dataclass
 
 from hymba_batch.pipeline.prompts import PromptConfig
@@ -27,6 +28,8 @@ from hymba_batch.pipeline.unit import Generation, OutputConfig, SamplingConfig, 
 
 CRASH_ONCE_ENV = "HYMBA_FAULT_CRASH_ONCE"
 POISON_UNIT_ENV = "HYMBA_FAULT_POISON_UNIT"
+ENGINE_ERROR_ONCE_ENV = "HYMBA_FAULT_ENGINE_ERROR_ONCE"
+ENGINE_FAILED_EXIT = 19
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,25 @@ def _crash_hook(unit: WorkUnit) -> None:
     os.write(fd, unit.unit_id.encode())
     os.close(fd)
     os._exit(17)
+
+
+def _engine_fault_hook(engine) -> None:
+    """Test hook: ``HYMBA_FAULT_ENGINE_ERROR_ONCE=<path>`` makes the first engine step of the first
+    actor that creates ``<path>`` raise, as a device error would."""
+    marker = os.environ.get(ENGINE_ERROR_ONCE_ENV)
+    if not marker:
+        return
+    real_step = engine.step
+
+    def step():
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return real_step()
+        os.close(fd)
+        raise RuntimeError("injected engine failure")
+
+    engine.step = step
 
 
 def _poison_hook(unit: WorkUnit) -> None:
@@ -95,10 +117,9 @@ class InferenceActor:
             ekw["max_num_seqs"] = cfg.max_num_seqs
         if cfg.max_batch_tokens:
             ekw["max_batch_tokens"] = cfg.max_batch_tokens
-        self._engine_args = (Engine, EngineConfig(**ekw), ThreadedEngine)
-        self._reset_lock = threading.Lock()
         self.engine = Engine(self.model, EngineConfig(**ekw))
         self.frontend = ThreadedEngine(self.engine)  # units in flight share one continuous batch
+        _engine_fault_hook(self.engine)
         shape = self.engine.cache.shape
         capacity = ((shape.num_blocks - 1) * shape.block_size  # one sequence alone, minus the scratch block
                     if self.engine.cache.has_global_layers else self.engine.max_context)
@@ -124,15 +145,15 @@ class InferenceActor:
         params = [self._SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                        top_p=s.top_p, top_k=s.top_k, seed=seed,
                                        stop_token_ids=(self.codec.eos_token_id,)) for seed in seeds]
-        frontend = self.frontend
         try:
-            outs = frontend.generate(prompts, params)
-        except Exception:
-            with self._reset_lock:  # the first unit to see a dead engine replaces it
-                if self.frontend is frontend and getattr(frontend, "_error", None) is not None:
-                    engine_cls, engine_cfg, frontend_cls = self._engine_args
-                    self.engine = engine_cls(self.model, engine_cfg)
-                    self.frontend = frontend_cls(self.engine)
+            outs = self.frontend.generate(prompts, params)
+        except Exception as e:
+            if self.frontend.error is not None:
+                # The engine itself failed (a CUDA error poisons the process's context): exit so
+                # Ray restarts this actor with a fresh model; the pool retries its units.
+                print(f"hymba-batch actor {os.getpid()}: engine failed ({e!r}); exiting for a restart",
+                      file=sys.stderr, flush=True)
+                os._exit(ENGINE_FAILED_EXIT)
             raise
         return [Generation(list(o.token_ids), o.finish_reason or "error", o.prompt_tokens, o.error) for o in outs]
 

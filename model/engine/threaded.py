@@ -24,6 +24,11 @@ class ThreadedEngine:
         self._thread = threading.Thread(target=self._loop, name="hymba-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def error(self) -> BaseException | None:
+        """The exception that stopped the engine, if one did."""
+        return self._error
+
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
         """Submit and wait; results in input order."""
         futures = []

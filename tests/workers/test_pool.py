@@ -72,3 +72,19 @@ def test_bad_checkpoint_fails_fast_with_its_path(ray_cluster, articles, tmp_path
         run_job(parse_spec(job_dict(bogus, str(src), str(tmp_path / "out"))))
     status = json.loads((tmp_path / "out" / "_hymba" / "status.json").read_text())
     assert status["state"] == "failed" and "no-such-model" in status["error"]
+
+
+def test_engine_failure_restarts_the_actor_and_loses_nothing(ray_cluster, tiny_checkpoint, articles,
+                                                             tmp_path, monkeypatch) -> None:
+    from hymba_batch.workers.actor import ENGINE_ERROR_ONCE_ENV
+
+    src, n = articles
+    marker = tmp_path / "engine-failed"
+    monkeypatch.setenv(ENGINE_ERROR_ONCE_ENV, str(marker))
+    out = tmp_path / "out"
+    summary = run_job(parse_spec(job_dict(tiny_checkpoint, str(src), str(out),
+                                          resources={"num_actors": 1, "max_in_flight": 2})))
+    assert marker.exists(), "the fault hook never fired"
+    assert summary.state == "succeeded" and summary.actor_restarts == 1 and summary.retried_units >= 1
+    rows = _rows(str(out))
+    assert len(rows) == n and len({r[:2] for r in rows}) == n
