@@ -57,7 +57,6 @@ class Engine:
         self.runner = ModelRunner(model, self.cache, config.cuda_graphs)
         self.scheduler = Scheduler(self.cache, config.max_batch_tokens)
         self._ids = itertools.count()
-        self._seqs: dict[int, Sequence] = {}
         self._done: list[RequestOutput] = []  # finished outside a step (rejected requests)
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "prefill_s": 0.0, "decode_s": 0.0}
 
@@ -83,11 +82,9 @@ class Engine:
             raise QueueFull(f"{self.config.max_waiting} requests already waiting")
         rid = next(self._ids)
         seq = Sequence(rid, list(prompt), params, params.seed if params.seed is not None else rid)
-        self._seqs[rid] = seq
         error = self._validate(seq)
         if error:
             self._done.append(RequestOutput(rid, [], "error", len(seq.prompt), error))
-            del self._seqs[rid]
         else:
             self.scheduler.add(seq)
         return rid
@@ -112,7 +109,6 @@ class Engine:
         finished, self._done = self._done, []
         batch = self.scheduler.schedule()
         for seq, error in self.scheduler.rejected:
-            del self._seqs[seq.request_id]
             finished.append(RequestOutput(seq.request_id, seq.output, "error", len(seq.prompt), error))
         self.scheduler.rejected.clear()
         if batch is None:
@@ -166,7 +162,6 @@ class Engine:
                 reason = "length"
             if reason:
                 self.scheduler.finish(s)
-                del self._seqs[s.request_id]
                 out.append(RequestOutput(s.request_id, s.output, reason, len(s.prompt)))
         return out
 

@@ -84,7 +84,6 @@ def _conv_state_writeback(x_ptr, cu_ptr, slot_ptr, state_ptr, C,
     b = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
     start = tl.load(cu_ptr + b)
     L = tl.load(cu_ptr + b + 1) - start
     slot = tl.load(slot_ptr + b).to(tl.int64)
