@@ -121,7 +121,7 @@ class Engine:
             dev = self.model.device
             slot_idx = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=dev)
             pos = torch.tensor([s.num_cached for s in seqs], dtype=torch.long, device=dev)
-            ids = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long, device=dev)
+            ids = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=dev)
             logits = self.runner.decode(slot_idx, pos, ids)
             for s in seqs:
                 s.num_cached += 1
@@ -158,7 +158,7 @@ class Engine:
             reason = None
             if not s.params.ignore_eos and (t == self.eos or t in s.params.stop_token_ids):
                 reason = "stop"
-            elif len(s.output) >= s.params.max_new_tokens or len(s.tokens) >= self.max_context:
+            elif len(s.output) >= s.params.max_new_tokens or s.num_tokens >= self.max_context:
                 reason = "length"
             if reason:
                 self.scheduler.finish(s)

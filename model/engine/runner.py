@@ -24,6 +24,7 @@ class PrefillOps:
         self.cache, self.cfg = cache, cfg
         B = len(slots)
         self.B, self.Lmax = B, max(lengths)
+        self.starts_host = starts
         self.slot_idx = torch.tensor(slots, dtype=torch.long, device=dev)
         self.start = torch.tensor(starts, dtype=torch.long, device=dev)
         self.lens = lens = torch.tensor(lengths, dtype=torch.long, device=dev)
@@ -31,7 +32,7 @@ class PrefillOps:
         self.cu[1:] = lens.cumsum(0)
         # packed row t -> (sequence b, offset i in its chunk); real position m = start[b] + i
         self.row_b = torch.repeat_interleave(torch.arange(B, device=dev), lens)
-        self.row_i = torch.arange(int(self.cu[-1]), device=dev) - self.cu[:-1].long()[self.row_b]
+        self.row_i = torch.arange(sum(lengths), device=dev) - self.cu[:-1].long()[self.row_b]
         self.row_m = self.start[self.row_b] + self.row_i
         self.cos, self.sin = rope_cos_sin(cfg, self.row_m + cfg.num_memory_tokens, cache.shape.dtype)
         self.q_valid = torch.arange(self.Lmax, device=dev)[None, :] < lens[:, None]  # [B, Lmax]
@@ -48,7 +49,7 @@ class PrefillOps:
         B, dev = self.B, k.device
         first = torch.zeros_like(self.start) if window is None else (self.start - window).clamp(min=0)
         hist_len = self.start - first
-        Hmax = int(hist_len.max())
+        Hmax = max(self.starts_host) if window is None else min(max(self.starts_host), window)
         ar = torch.arange(Hmax, device=dev)
         h_pos = first[:, None] + ar[None, :]
         h_valid = ar[None, :] < hist_len[:, None]
@@ -76,10 +77,11 @@ class PrefillOps:
         mask[:, :, 0] |= ~self.q_valid  # padded query rows see one key (no NaN rows)
         # write the chunk into the cache (only what later queries can need)
         if kind == "ring":
+            # rows a later token of the same chunk overwrites in the ring go to the scratch slot
             keep = self.row_m >= (self.start + self.lens)[self.row_b] - cache.ring_size
-            rows = keep.nonzero().squeeze(1)
-            s, m = self.slot_idx[self.row_b[rows]], self.row_m[rows] % cache.ring_size
-            ck[s, m], cv[s, m] = k[rows], v[rows]
+            s = self.slot_idx[self.row_b].where(keep, torch.full_like(self.row_b, cache.scratch_slot))
+            m = self.row_m % cache.ring_size
+            ck[s, m], cv[s, m] = k, v
         else:
             bs = cache.shape.block_size
             blk = cache.block_table[self.slot_idx[self.row_b], self.row_m // bs].long()

@@ -5,6 +5,11 @@ token budget; long prompts are split into chunks that carry their conv/SSM state
 of every running sequence. When the paged pool runs out, the newest sequence is preempted:
 its slot and blocks are freed and it is re-queued to be recomputed (prompt + tokens so far),
 which yields the same tokens because sampling depends only on (seed, token index).
+
+Admission waits for a worthwhile prefill: while sequences are decoding, new ones are admitted
+only when an eighth of the slots is free or the admissible prompts fill half a prefill step.
+Otherwise, in a stream of requests that finish one by one, every decode step would be followed
+by a prefill step of one or two prompts, paying a whole step's fixed cost for a few tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +36,14 @@ class Sequence:
         return self.prompt + self.output
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def last_token(self) -> int:
+        return self.output[-1] if self.output else self.prompt[-1]
+
+    @property
     def pending(self) -> int:
         return len(self.prompt) + len(self.output) - self.num_cached
 
@@ -53,7 +66,8 @@ class Scheduler:
         self.cache = cache
         self.max_batch_tokens = max_batch_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # in admission order
+        self.running: dict[Sequence, None] = {}  # an ordered set: admission order, O(1) removal
+        self.admit_slots = max(1, (cache.shape.num_slots - 1) // 8)
         self.num_preemptions = 0
         self.rejected: list[tuple[Sequence, str]] = []  # requests that can never fit the cache
 
@@ -85,6 +99,8 @@ class Scheduler:
         for seq in self.running:  # continue chunked prefills first: they hold slots
             if seq.pending > 1 and budget > 0:
                 budget -= self._chunk(batch, seq, budget)
+        if not self._worth_admitting(budget):
+            return batch if batch.seqs else None
         while self.waiting and budget > 0:
             slot = self.cache.allocate_slot()
             if slot is None:
@@ -97,14 +113,29 @@ class Scheduler:
                 seq.slot = None
                 if not self.running and not batch.seqs:  # nothing will free up: it never fits
                     self.waiting.popleft()
-                    self.rejected.append((seq, f"the cache cannot hold this request ({len(seq.tokens)} "
+                    self.rejected.append((seq, f"the cache cannot hold this request ({seq.num_tokens} "
                                                "tokens); raise the engine's memory budget"))
                     continue
                 break
             self.waiting.popleft()
-            self.running.append(seq)
+            self.running[seq] = None
             budget -= used
         return batch if batch.seqs else None
+
+    def _worth_admitting(self, budget: int) -> bool:
+        if not self.waiting or budget <= 0:
+            return False
+        free = len(self.cache.free_slots)
+        if not any(s.pending == 1 for s in self.running) or free >= min(self.admit_slots, len(self.waiting)):
+            return True
+        tokens = 0
+        for i, seq in enumerate(self.waiting):
+            if i >= free:
+                break
+            tokens += seq.pending
+            if tokens >= min(budget, self.max_batch_tokens // 2):
+                return True
+        return False
 
     def _decode(self) -> DecodeBatch | None:
         ready = [s for s in self.running if s.pending == 1]
@@ -112,7 +143,7 @@ class Scheduler:
             if seq.slot is None:  # preempted while making room for an earlier one
                 continue
             while not self.cache.reserve_blocks(seq.slot, seq.num_cached + 1):
-                victim = self.running[-1]
+                victim = next(reversed(self.running))
                 self.preempt(victim)
                 if victim is seq:
                     break
@@ -120,13 +151,13 @@ class Scheduler:
         return DecodeBatch(ready) if ready else None
 
     def preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        del self.running[seq]
         self.cache.free(seq.slot)
         seq.slot, seq.num_cached = None, 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        del self.running[seq]
         self.cache.free(seq.slot)
         seq.slot = None

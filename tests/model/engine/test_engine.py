@@ -114,6 +114,30 @@ def test_offline_stream_is_bounded_and_answers_each_request_once(tiny_model, ran
     assert peak[0] <= 2 * 4 + 4 + 1  # queued + resident, never the whole input
 
 
+def test_admission_batches_prefills_while_others_decode(tiny_model, rand_prompts):
+    """Requests finishing one by one must not each trigger a prefill step of one prompt."""
+    engine = Engine(tiny_model, EngineConfig(max_num_seqs=64, max_batch_tokens=4096))
+    n = 200
+    news = [1 + (7 * i) % 23 for i in range(n)]  # staggered finishes
+    reqs = [(p, SamplingParams(max_new_tokens=m, ignore_eos=True))
+            for p, m in zip(rand_prompts(n, 2, 12, seed=9), news)]
+    prefills = sizes = 0
+    orig = engine.runner.prefill
+
+    def counting(slots, starts, chunks):
+        nonlocal prefills, sizes
+        prefills, sizes = prefills + 1, sizes + len(slots)
+        return orig(slots, starts, chunks)
+
+    engine.runner.prefill = counting
+    outs = dict(engine.stream(iter(reqs)))
+    assert sorted(outs) == list(range(n))
+    assert all(outs[i].completion_tokens == news[i] for i in range(n))
+    assert sizes == n
+    # one prefill fills the 63 usable slots; later ones admit at least an eighth of them (7)
+    assert prefills <= 1 + -(-(n - 63) // 7), prefills
+
+
 def test_queue_full_backpressure(tiny_model):
     engine = Engine(tiny_model, EngineConfig(max_waiting=2))
     engine.add_request([1, 2])
