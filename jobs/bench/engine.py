@@ -85,28 +85,33 @@ def run_workload(engine: Engine, name: str, n: int, plen: int, new: int, repeats
 
 
 def profile_steps(engine: Engine, out_path: str) -> str:
-    """Kernel-level profile of one prefill step (16 x 1024 tokens) and one decode step at 512."""
+    """Kernel-level profile of one S prefill step (16 x 1024 tokens), one S decode step (batch
+    512, context ~1.2k) and one G decode step (batch 2048, context ~0.3k)."""
     from torch.profiler import ProfilerActivity, profile
 
-    prompts = prompts_for(512, 1024, seed=21)
-    for p in prompts:
-        engine.add_request(p, SamplingParams(max_new_tokens=8, ignore_eos=True))
-    engine.step()  # warm
-    torch.cuda.synchronize()
+    def profiled(title: str) -> str:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            engine.step()
+            torch.cuda.synchronize()
+        return f"{title}\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
+
+    def until_decode() -> None:
+        while any(s.pending > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+            engine.step()
+        engine.step()  # a first decode step (graph capture for this bucket happens here)
+
     tables = []
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        engine.step()
-        torch.cuda.synchronize()
-    tables.append("PREFILL STEP\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
-    while any(s.pending > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
-        engine.step()
-    engine.step()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        engine.step()
-        torch.cuda.synchronize()
-    tables.append("DECODE STEP (batch 512)\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
-    while engine.has_unfinished():
-        engine.step()
+    for n, plen, title in ((512, 1024, "S"), (2048, 128, "G")):
+        for p in prompts_for(n, plen, seed=21):
+            engine.add_request(p, SamplingParams(max_new_tokens=8, ignore_eos=True))
+        if title == "S":
+            engine.step()  # warm
+            torch.cuda.synchronize()
+            tables.append(profiled("PREFILL STEP (16 x 1024 tokens)"))
+        until_decode()
+        tables.append(profiled(f"DECODE STEP ({title}: batch {n}, context ~{plen + 128 + 2})"))
+        while engine.has_unfinished():
+            engine.step()
     text = "\n".join(tables)
     if out_path:
         with open(out_path, "w") as f:
@@ -215,7 +220,7 @@ def main() -> None:
     ap.add_argument("--actor-prompts", type=int, default=1024)
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
     ap.add_argument("--json-out", default="")
-    ap.add_argument("--profile", default="", help="write a kernel profile of one prefill and one decode step here")
+    ap.add_argument("--profile", default="", help="write a kernel profile of a prefill and two decode steps here")
     a = ap.parse_args()
     cfg = HymbaConfig.from_dict(real_config_dict())
     result: dict = {"bench": "engine", "hardware": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -242,7 +247,7 @@ def main() -> None:
                             "cache_gib": engine.cache.nbytes() / 2**30}
         engine.generate(prompts_for(64, 256, seed=5), SamplingParams(max_new_tokens=16, ignore_eos=True))
         if a.profile:
-            print(profile_steps(engine, a.profile)[-6000:])
+            print(profile_steps(engine, a.profile)[-9000:])
         for name in a.workloads.split(","):
             n, plen, new = WORKLOADS[name]
             n = max(1, int(n * a.scale))
