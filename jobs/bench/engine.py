@@ -15,9 +15,11 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import gc
 import platform
 import statistics
 import time
+from queue import Empty
 
 import torch
 
@@ -200,7 +202,16 @@ def actors_per_gpu(k: int, total: int, plen: int, new: int) -> dict:
     procs = [ctx.Process(target=_actor, args=(r, k, total // k, plen, new, barrier, queue)) for r in range(k)]
     for p in procs:
         p.start()
-    res = [queue.get(timeout=900) for _ in procs]
+    res = []
+    while len(res) < k:  # a process that dies (out of memory, say) fails the run instead of hanging it
+        try:
+            res.append(queue.get(timeout=5))
+        except Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"{len(dead)} of {k} engine processes died (exit codes {dead})")
     for p in procs:
         p.join()
     start, end = min(r[1] for r in res), max(r[2] for r in res)
@@ -251,10 +262,10 @@ def main() -> None:
         for name in a.workloads.split(","):
             n, plen, new = WORKLOADS[name]
             n = max(1, int(n * a.scale))
+            engine.stats.update(prefill_s=0.0, decode_s=0.0, prefill_tokens=0, decode_tokens=0, steps=0)
             r = run_workload(engine, name, n, plen, new, a.repeats)
             r.update(floors(cfg, r, ceil, engine.cache.shape.num_slots))
-            r["engine_stats"] = dict(engine.stats)
-            engine.stats.update(prefill_s=0.0, decode_s=0.0, prefill_tokens=0, decode_tokens=0, steps=0)
+            r["engine_stats"] = dict(engine.stats)  # summed over the repeats
             result[name] = r
             rows.append((name, f"{r['docs_per_s']:.1f} docs/s", f"{r['gen_tok_per_s']:.0f} gen tok/s",
                          f"{r['prompt_tok_per_s']:.0f} prompt tok/s", f"x{r['ratio_to_compute_floor']:.2f} compute floor",
@@ -267,6 +278,7 @@ def main() -> None:
             print(*rows[-1], sep=" | ", flush=True)
             dump()
         del engine, model
+        gc.collect()  # the engine's CUDA graphs and caches sit in reference cycles
         torch.cuda.empty_cache()
     if a.baselines:
         for name, (n, plen, new) in (("S", WORKLOADS["S"]), ("G", WORKLOADS["G"])):
@@ -290,7 +302,14 @@ def main() -> None:
     if a.actors:
         plen, new = WORKLOADS["S"][1:]
         for k in (int(x) for x in a.actors.split(",")):
-            r = actors_per_gpu(k, a.actor_prompts, plen, new)
+            try:
+                r = actors_per_gpu(k, a.actor_prompts, plen, new)
+            except RuntimeError as e:  # recorded, and the sweep goes on
+                r = {"actors": k, "error": str(e)}
+                result.setdefault("actors_per_gpu", []).append(r)
+                print(f"{k} actors | {e}", flush=True)
+                dump()
+                continue
             result.setdefault("actors_per_gpu", []).append(r)
             rows.append((f"{k} actors", f"{r['docs_per_s']:.1f} docs/s aggregate"))
             print(*rows[-1], sep=" | ", flush=True)

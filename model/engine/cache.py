@@ -75,6 +75,8 @@ class KVCache:
                 k = torch.zeros(S, self.ring_size, nkv, d, dtype=dt, device=dev)
                 v = torch.zeros(S, self.ring_size, nkv, dv, dtype=dt, device=dev)
                 self.kv[p] = ("ring", k, v)
+        # the last layer reading each producer's K/V (a prefill chunk enters the cache after it)
+        self.last_reader = {p: max(l for l, q in enumerate(cfg.kv_producer) if q == p) for p in cfg.producers}
         self.max_blocks_per_seq = -(-(cfg.max_position_embeddings) // shape.block_size)
         self.block_table = torch.zeros(S, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
         self._compute_meta(model)

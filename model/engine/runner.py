@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 from ..hymba import HymbaForCausalLM, rope_cos_sin
-from ..kernels.attention import attention_decode, attention_sdpa, gather_cache
+import os
+
+from ..kernels.attention import attention_decode, attention_prefill, attention_sdpa, gather_cache
 from ..kernels.conv import causal_conv1d_update, causal_conv1d_varlen
 from ..kernels.scan import selective_scan_varlen, selective_state_update
 from .cache import KVCache
@@ -37,8 +39,9 @@ class PrefillOps:
         self.cos, self.sin = rope_cos_sin(cfg, self.row_m + cfg.num_memory_tokens, cache.shape.dtype)
         self.q_valid = torch.arange(self.Lmax, device=dev)[None, :] < lens[:, None]  # [B, Lmax]
         self.q_pos = self.start[:, None] + torch.arange(self.Lmax, device=dev)[None, :]
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.kv: dict[int, tuple[torch.Tensor, ...]] = {}
         self.last_rows = self.cu[1:].long() - 1
+        self.sdpa = os.environ.get("HYMBA_PREFILL_ATTENTION") == "sdpa"
 
     def _keys(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Assemble [meta | cached history | this chunk] keys per sequence, padded, with a mask;
@@ -75,7 +78,13 @@ class PrefillOps:
         meta_vis = torch.ones(B, self.Lmax, M, dtype=torch.bool, device=dev)
         mask = torch.cat([meta_vis, vis], 2)
         mask[:, :, 0] |= ~self.q_valid  # padded query rows see one key (no NaN rows)
-        # write the chunk into the cache (only what later queries can need)
+        self._write_chunk(layer, k, v)
+        return K, V, mask[:, None]
+
+    def _write_chunk(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store this step's chunk K/V in the producer's cache (only what later queries need)."""
+        cache = self.cache
+        kind, ck, cv = cache.kv[layer]
         if kind == "ring":
             # rows a later token of the same chunk overwrites in the ring go to the scratch slot
             keep = self.row_m >= (self.start + self.lens)[self.row_b] - cache.ring_size
@@ -86,9 +95,28 @@ class PrefillOps:
             bs = cache.shape.block_size
             blk = cache.block_table[self.slot_idx[self.row_b], self.row_m // bs].long()
             ck[blk, self.row_m % bs], cv[blk, self.row_m % bs] = k, v
-        return K, V, mask[:, None]
 
     def attention(self, layer, q, k, v):
+        cfg = self.cfg
+        if self.sdpa:
+            return self._attention_sdpa(layer, q, k, v)
+        p = cfg.kv_producer[layer]
+        if k is not None:
+            self.kv[layer] = (k, v)
+        k, v = self.kv[p]
+        kind, ck, cv = self.cache.kv[p]
+        window = None if cfg.is_global(p) else cfg.sliding_window
+        most = max(self.starts_host)
+        out = attention_prefill(q, k, v, self.cache.meta_k[p], self.cache.meta_v[p], ck, cv, self.slot_idx,
+                                self.start, self.cu, window,
+                                self.cache.block_table if kind == "paged" else None,
+                                max_chunk=self.Lmax, max_hist=most if window is None else min(most, window))
+        if layer == self.cache.last_reader[p]:  # history of later chunks: written once nobody reads it here
+            self._write_chunk(p, k, v)
+            del self.kv[p]
+        return out
+
+    def _attention_sdpa(self, layer, q, k, v):
         cfg = self.cfg
         if k is not None:
             self.kv[layer] = self._keys(layer, k, v)

@@ -3,6 +3,10 @@ V wider than Q/K, and per layer either global causal or sliding-window-plus-meta
 
 Mask on meta-inclusive indices (project convention, design.md §3): key j is visible to query i
 when ``j <= i`` and, on sliding-window layers, ``i - j <= window or j < num_meta``.
+
+Three uses: uncached (``attention_ref``, ``attention_sdpa``), decode of one token per sequence over
+the engine's caches (``attention_decode``), and packed varlen prefill chunks continuing from
+those caches (``attention_prefill``); each cached op dispatches to a Triton kernel or its twin.
 """
 
 from __future__ import annotations
@@ -117,3 +121,57 @@ def attention_decode(q, meta_k, meta_v, cache_k, cache_v, slot_idx, ctx_len, win
         from ._attn_decode_triton import attention_decode_triton
         return attention_decode_triton(q, meta_k, meta_v, cache_k, cache_v, slot_idx, ctx_len, window, block_table)
     return attention_decode_ref(q, meta_k, meta_v, cache_k, cache_v, slot_idx, ctx_len, window, block_table)
+
+
+# ---- packed varlen prefill over the engine's caches ---------------------------------------------
+#
+# One prefill step packs B sequences' chunks: sequence b owns rows [cu[b], cu[b+1]) of q / k / v,
+# and its chunk row i is real position p = start[b] + i. A query sees all meta keys and the real
+# tokens m <= p of its sequence with p - m <= window (window None: no limit). Tokens m < start[b]
+# come from the cache (layouts above; the ring holds the window + 1 latest positions, enough for
+# every visible history token); tokens m >= start[b] come from the packed k / v (the engine writes
+# the chunk into the cache only after every layer that reads it has run).
+
+
+def attention_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta_k: torch.Tensor,
+                          meta_v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                          slot_idx: torch.Tensor, start: torch.Tensor, cu: torch.Tensor,
+                          window: int | None, block_table: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, nh, d], k [T, nkv, d], v [T, nkv, dv] packed chunks; meta_k [M, nkv, d], meta_v
+    [M, nkv, dv] shared by all; cache_* ring (block_table None) or paged; slot_idx [B]; start [B]
+    tokens already cached per sequence; cu [B+1] (cu[0] = 0, cu[B] = T). Returns [T, nh*dv] in
+    q.dtype, softmax in fp32. One ``attention_ref`` call per sequence over
+    [meta | history | chunk] with meta-inclusive indices."""
+    M = meta_k.shape[0]
+    dev = q.device
+    out = q.new_empty(q.shape[0], q.shape[1] * meta_v.shape[-1])
+    starts, bounds = start.tolist(), cu.tolist()
+    for b, s0 in enumerate(starts):
+        lo, hi = bounds[b], bounds[b + 1]
+        first = 0 if window is None else max(0, s0 - window)
+        pos = torch.arange(first, s0, device=dev)
+        hk = gather_cache(cache_k, slot_idx[b:b + 1], pos[None], block_table)[0]
+        hv = gather_cache(cache_v, slot_idx[b:b + 1], pos[None], block_table)[0]
+        keys = torch.cat([meta_k, hk, k[lo:hi]])
+        vals = torch.cat([meta_v, hv, v[lo:hi]])
+        k_idx = torch.cat([torch.arange(M, device=dev), M + torch.arange(first, s0 + hi - lo, device=dev)])
+        q_idx = M + torch.arange(s0, s0 + hi - lo, device=dev)
+        out[lo:hi] = attention_ref(q[lo:hi], keys, vals, q_idx, k_idx, window, M)
+    return out
+
+
+def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta_k: torch.Tensor,
+                      meta_v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                      slot_idx: torch.Tensor, start: torch.Tensor, cu: torch.Tensor, window: int | None,
+                      block_table: torch.Tensor | None = None, *, max_chunk: int, max_hist: int) -> torch.Tensor:
+    """Prefill attention (shapes as ``attention_prefill_ref``); Triton kernel on CUDA (no gather
+    copies, no padding, no host sync), else the twin. Host ints: ``max_chunk`` >= every chunk
+    length, ``max_hist`` >= the history any query of the step sees (min(start, window) with a
+    window, start without)."""
+    from . import backend
+    if backend.use_fast(q):
+        from ._attn_prefill_triton import attention_prefill_triton
+        return attention_prefill_triton(q, k, v, meta_k, meta_v, cache_k, cache_v, slot_idx, start, cu,
+                                        window, block_table, max_chunk=max_chunk, max_hist=max_hist)
+    return attention_prefill_ref(q, k, v, meta_k, meta_v, cache_k, cache_v, slot_idx, start, cu,
+                                 window, block_table)
