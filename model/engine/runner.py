@@ -2,20 +2,33 @@
 continuing from their cached state) or a decode of one token for every running sequence.
 
 The two ``*Ops`` classes implement ``hymba.SequenceOps`` over the ``KVCache``; the layer math
-itself stays in ``hymba.py``. Decode optionally runs under CUDA graphs, one per batch bucket.
+itself stays in ``hymba.py``. Prefill attention has two paths (``prefill_attention_backend``).
+Decode optionally runs under CUDA graphs, one per batch bucket.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..hymba import HymbaForCausalLM, rope_cos_sin
-import os
-
 from ..kernels.attention import attention_decode, attention_prefill, attention_sdpa, gather_cache
 from ..kernels.conv import causal_conv1d_update, causal_conv1d_varlen
 from ..kernels.scan import selective_scan_varlen, selective_state_update
 from .cache import KVCache
+
+
+def prefill_attention_backend() -> str:
+    """``HYMBA_PREFILL_ATTENTION``: ``sdpa`` (default) pads each step's sequences to
+    [meta | history | chunk] and runs SDPA with a dense mask; ``triton`` runs the packed varlen
+    kernel of kernels/_attn_prefill_triton.py (its plain-PyTorch twin off CUDA), which reads the
+    history in place. On the H200 the Triton kernel's ring variant was 4.4x faster than this SDPA
+    path per layer, but ptxas (Triton 3.6) crashes compiling its paged variant, so it is opt-in."""
+    name = os.environ.get("HYMBA_PREFILL_ATTENTION", "sdpa")
+    if name not in ("sdpa", "triton"):
+        raise ValueError(f"HYMBA_PREFILL_ATTENTION must be 'sdpa' or 'triton', not {name!r}")
+    return name
 
 
 class PrefillOps:
@@ -41,7 +54,7 @@ class PrefillOps:
         self.q_pos = self.start[:, None] + torch.arange(self.Lmax, device=dev)[None, :]
         self.kv: dict[int, tuple[torch.Tensor, ...]] = {}
         self.last_rows = self.cu[1:].long() - 1
-        self.sdpa = os.environ.get("HYMBA_PREFILL_ATTENTION") == "sdpa"
+        self.sdpa = prefill_attention_backend() == "sdpa"
 
     def _keys(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Assemble [meta | cached history | this chunk] keys per sequence, padded, with a mask;
