@@ -23,8 +23,9 @@ def prefill_attention_backend() -> str:
     """``HYMBA_PREFILL_ATTENTION``: ``sdpa`` (default) pads each step's sequences to
     [meta | history | chunk] and runs SDPA with a dense mask; ``triton`` runs the packed varlen
     kernel of kernels/_attn_prefill_triton.py (its plain-PyTorch twin off CUDA), which reads the
-    history in place. On the H200 the Triton kernel's ring variant was 4.4x faster than this SDPA
-    path per layer, but ptxas (Triton 3.6) crashes compiling its paged variant, so it is opt-in."""
+    history in place. On the H200 the kernel's ring variant was 4.4x faster than this SDPA path per
+    layer; its paged variant first crashed ptxas (Triton 3.6) and, fixed since, has not yet been run
+    on a GPU, nor has the engine with it: opt-in until measured."""
     name = os.environ.get("HYMBA_PREFILL_ATTENTION", "sdpa")
     if name not in ("sdpa", "triton"):
         raise ValueError(f"HYMBA_PREFILL_ATTENTION must be 'sdpa' or 'triton', not {name!r}")
@@ -56,6 +57,11 @@ class PrefillOps:
         self.last_rows = self.cu[1:].long() - 1
         self.sdpa = prefill_attention_backend() == "sdpa"
 
+    def _max_hist(self, window: int | None) -> int:
+        """Most cached tokens any query of this step sees (a host int: no device sync)."""
+        most = max(self.starts_host)
+        return most if window is None else min(most, window)
+
     def _keys(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Assemble [meta | cached history | this chunk] keys per sequence, padded, with a mask;
         then write the chunk into the cache."""
@@ -65,7 +71,7 @@ class PrefillOps:
         B, dev = self.B, k.device
         first = torch.zeros_like(self.start) if window is None else (self.start - window).clamp(min=0)
         hist_len = self.start - first
-        Hmax = max(self.starts_host) if window is None else min(max(self.starts_host), window)
+        Hmax = self._max_hist(window)
         ar = torch.arange(Hmax, device=dev)
         h_pos = first[:, None] + ar[None, :]
         h_valid = ar[None, :] < hist_len[:, None]
@@ -119,11 +125,10 @@ class PrefillOps:
         k, v = self.kv[p]
         kind, ck, cv = self.cache.kv[p]
         window = None if cfg.is_global(p) else cfg.sliding_window
-        most = max(self.starts_host)
         out = attention_prefill(q, k, v, self.cache.meta_k[p], self.cache.meta_v[p], ck, cv, self.slot_idx,
                                 self.start, self.cu, window,
                                 self.cache.block_table if kind == "paged" else None,
-                                max_chunk=self.Lmax, max_hist=most if window is None else min(most, window))
+                                max_chunk=self.Lmax, max_hist=self._max_hist(window))
         if layer == self.cache.last_reader[p]:  # history of later chunks: written once nobody reads it here
             self._write_chunk(p, k, v)
             del self.kv[p]

@@ -39,15 +39,14 @@ _MAX_SPLITS = 64
 
 @triton.jit
 def _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale, LOWP: tl.constexpr, EMULATE: tl.constexpr):
-    """One key block: q [GP, BD], k [BN, BD], v [BN, BDV], valid [BN] -> updated (m, l, acc).
-    EMULATE (Triton interpreter only): its tl.dot multiplies bf16 operands as raw uint16 bits, so
+    """One key block: q [GP, BD], k [BN, BD], v [BN, BDV], valid broadcastable to [GP, BN] ->
+    updated (m, l, acc); the prefill kernel uses it too. EMULATE (Triton interpreter only): its tl.dot multiplies bf16 operands as raw uint16 bits, so
     bf16 dots run as fp32 dots of the same (exactly representable) values, P rounded as on GPU."""
     if LOWP and not EMULATE:
         s = tl.dot(q, tl.trans(k.to(q.dtype)))
     else:
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-    s = s * qk_scale
-    s = tl.where(valid[None, :], s, float("-inf"))
+    s = tl.where(valid, s * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -133,7 +132,7 @@ def _attn_decode_kernel(
                     mask=valid[:, None] & mask_d[None, :], other=0.0)
         v = tl.load(mv_base + t[:, None] * stride_mvm + offs_dv[None, :],
                     mask=valid[:, None] & mask_dv[None, :], other=0.0)
-        m_i, l_i, acc = _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale, LOWP, EMULATE)
+        m_i, l_i, acc = _online_step(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale, LOWP, EMULATE)
 
     # ---- the sequence's own real tokens --------------------------------------------------------
     k_head = k_ptr + g * stride_kh
@@ -156,7 +155,7 @@ def _attn_decode_kernel(
             v_rows = v_head + slot * stride_v0 + row * stride_v1
         k = tl.load(k_rows[:, None] + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
         v = tl.load(v_rows[:, None] + offs_dv[None, :], mask=valid[:, None] & mask_dv[None, :], other=0.0)
-        m_i, l_i, acc = _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale, LOWP, EMULATE)
+        m_i, l_i, acc = _online_step(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale, LOWP, EMULATE)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attn_decode_triton import _attn_decode_combine_kernel, _sm_count
+from ._attn_decode_triton import _attn_decode_combine_kernel, _online_step, _sm_count
 
 _LOG2E = 1.4426950408889634
 _MIN_KEYS_PER_SPLIT = 512  # below this a split's fixed cost (q tile load, partial write) dominates
@@ -55,29 +55,6 @@ _MAX_SPLITS = 16
 _LINEAR = tl.constexpr(0)
 _RING = tl.constexpr(1)
 _PAGED = tl.constexpr(2)
-
-
-@triton.jit
-def _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale, LOWP: tl.constexpr, EMULATE: tl.constexpr):
-    """One key block: q [BQ, BD], k [BN, BD], v [BN, BDV], valid broadcastable to [BQ, BN]."""
-    if LOWP and not EMULATE:
-        s = tl.dot(q, tl.trans(k))
-    else:
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-    s = tl.where(valid, s * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if LOWP:
-        if EMULATE:
-            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-    else:
-        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-    acc = acc * alpha[:, None] + pv
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -214,11 +191,15 @@ def _attn_prefill_kernel(
     ck_head = ck_ptr + g * stride_ckh
     cv_head = cv_ptr + g * stride_cvh
     bt_row = bt_ptr + slot * stride_bt0
-    m_i, l_i, acc = _attend(q, m_i, l_i, acc, p_row, h_a, tl.minimum(h_b, hs), 0,
-                            ck_head, cv_head, stride_ck1, stride_cv1, stride_ck0, stride_cv0, slot, R,
-                            bt_row, stride_bt1, window, qk_scale, offs_n, offs_d, offs_dv, mask_d, mask_dv,
-                            SRC=HIST_SRC, MASK=True, HAS_WINDOW=HAS_WINDOW, PAGE=PAGE, BLOCK_N=BLOCK_N,
-                            LOWP=LOWP, EMULATE=EMULATE)
+    # Without a window hs = 0 and this range is empty. Skip it statically: Triton 3.6 still
+    # software-pipelines the empty loop, and for the paged source (3 stages, unsplit) the resulting
+    # PTX crashes ptxas (SIGSEGV) at sm_90a.
+    if HAS_WINDOW:
+        m_i, l_i, acc = _attend(q, m_i, l_i, acc, p_row, h_a, tl.minimum(h_b, hs), 0,
+                                ck_head, cv_head, stride_ck1, stride_cv1, stride_ck0, stride_cv0, slot, R,
+                                bt_row, stride_bt1, window, qk_scale, offs_n, offs_d, offs_dv, mask_d, mask_dv,
+                                SRC=HIST_SRC, MASK=True, HAS_WINDOW=HAS_WINDOW, PAGE=PAGE, BLOCK_N=BLOCK_N,
+                                LOWP=LOWP, EMULATE=EMULATE)
     m_i, l_i, acc = _attend(q, m_i, l_i, acc, p_row, tl.maximum(h_a, hs), h_b, 0,
                             ck_head, cv_head, stride_ck1, stride_cv1, stride_ck0, stride_cv0, slot, R,
                             bt_row, stride_bt1, window, qk_scale, offs_n, offs_d, offs_dv, mask_d, mask_dv,
