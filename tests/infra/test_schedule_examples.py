@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from infra_support import manifests  # noqa: F401 (fixtures)
 

@@ -2,7 +2,6 @@
 errors for bad checkpoints (missing / unexpected / mis-shaped / non-float tensors)."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hymba_batch.model import CheckpointError, HymbaConfig, HymbaForCausalLM, load_model
-from hymba_batch.model.checkpoints import tiny_config, write_checkpoint
 from hymba_batch.model.loader import expected_shapes
 
 

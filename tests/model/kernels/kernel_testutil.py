@@ -113,3 +113,15 @@ def assert_close(fast: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what
     bad = err > bound
     assert not bad.any(), (f"{what}: {int(bad.sum())}/{r.numel()} elements off; max abs err "
                            f"{err.max().item():.3g}, scale {scale:.3g}")
+
+
+ATTN_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}  # (atol, rtol)
+
+
+def check_attention(got: torch.Tensor, want: torch.Tensor) -> None:
+    """An attention kernel's output against its ref: same dtype/shape, every entry written and
+    finite (outputs start NaN, unreadable cache rows are NaN), close within ``ATTN_TOL``."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.isfinite(got).all(), "unwritten or NaN-poisoned entries reached the output"
+    atol, rtol = ATTN_TOL[want.dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)

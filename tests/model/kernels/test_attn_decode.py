@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from kernel_testutil import poisoned_empty
+from kernel_testutil import check_attention as check, poisoned_empty
 
 from hymba_batch.model.kernels import backend
 from hymba_batch.model.kernels.attention import attention_decode, attention_decode_ref
@@ -23,7 +23,6 @@ def attention_decode_triton(*args, **kwargs):
     return fn(*args, **kwargs)
 
 
-TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
 CTX_TINY = [1, 5, 16, 17, 40, 33, 2]  # window 16: shorter than, equal to, window+1, longer
 
 
@@ -85,13 +84,6 @@ def run_fast(case, **kw):
     res = attention_decode_triton(**case, out=out, **kw)
     assert res.data_ptr() == out.data_ptr()
     return res
-
-
-def check(got, want):
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert torch.isfinite(got).all(), "unwritten or NaN-poisoned entries reached the output"
-    atol, rtol = TOL[want.dtype]
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
 
 
 # ---- CPU (Triton interpreter) -----------------------------------------------------------------

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from kernel_testutil import column_slice, poisoned_empty
+from kernel_testutil import check_attention as check, column_slice, poisoned_empty
 
 from hymba_batch.model.kernels import backend
 from hymba_batch.model.kernels.attention import attention_prefill, attention_prefill_ref, attention_ref
@@ -22,9 +22,6 @@ from hymba_batch.model.kernels.attention import attention_prefill, attention_pre
 def attention_prefill_triton(*args, **kwargs):
     from hymba_batch.model.kernels._attn_prefill_triton import attention_prefill_triton as fn
     return fn(*args, **kwargs)
-
-
-TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
 
 
 def visible_history(start: int, window: int | None) -> range:
@@ -100,13 +97,6 @@ def run_fast(case, starts, lens, **kw):
     res = attention_prefill_triton(**case, **host_bounds(starts, lens, case["window"]), out=out, **kw)
     assert res.data_ptr() == out.data_ptr()
     return res
-
-
-def check(got, want):
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert torch.isfinite(got).all(), "unwritten or NaN-poisoned entries reached the output"
-    atol, rtol = TOL[want.dtype]
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
 
 
 # ---- the ref against an independent construction ---------------------------------------------
