@@ -7,7 +7,9 @@ Test hooks: ``HYMBA_FAULT_CRASH_ONCE=<path>`` makes the first actor that reaches
 create ``<path>`` and exit the process at once (mid-unit), to prove retries lose nothing;
 ``HYMBA_FAULT_POISON_UNIT=<text>`` makes every actor that starts a unit whose id contains
 ``<text>`` exit at once (a unit that kills its process every time, like a crashing kernel);
-``HYMBA_FAULT_ENGINE_ERROR_ONCE=<path>`` makes one engine step raise, as a device error would.
+``HYMBA_FAULT_ENGINE_ERROR_ONCE=<path>`` makes one engine step raise, as a device error would;
+``HYMBA_FAULT_BUSY_DIR=<dir>`` makes an actor hold ``<dir>/busy-<node id>`` (its pid inside)
+while it runs a unit, so a test can take a node down exactly while its actor is mid-unit.
 
 Engine failures: prompts are limited to what the cache can hold next to ``max_new_tokens``
 (a longer one is truncated or a row error, never an engine out-of-memory), and when the engine
@@ -29,6 +31,7 @@ from hymba_batch.pipeline.unit import Generation, OutputConfig, SamplingConfig, 
 CRASH_ONCE_ENV = "HYMBA_FAULT_CRASH_ONCE"
 POISON_UNIT_ENV = "HYMBA_FAULT_POISON_UNIT"
 ENGINE_ERROR_ONCE_ENV = "HYMBA_FAULT_ENGINE_ERROR_ONCE"
+BUSY_DIR_ENV = "HYMBA_FAULT_BUSY_DIR"
 ENGINE_FAILED_EXIT = 19
 
 
@@ -168,4 +171,13 @@ class InferenceActor:
     def process(self, unit: WorkUnit) -> UnitResult:
         """Run one unit; the output file is committed when this returns."""
         _poison_hook(unit)
-        return self.runner.run(unit, worker=self.identity)
+        busy_dir = os.environ.get(BUSY_DIR_ENV)
+        if not busy_dir:
+            return self.runner.run(unit, worker=self.identity)
+        marker = os.path.join(busy_dir, f"busy-{self.identity['node_id']}")
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        try:
+            return self.runner.run(unit, worker=self.identity)
+        finally:
+            os.remove(marker)

@@ -6,7 +6,8 @@ test session's cluster must not be disturbed).
 
 The head has no CPUs, so every actor runs on a worker node. With ``--remove-after-units K``
 a watcher removes the last worker node (SIGKILL of its raylet and workers, like a lost spot
-instance) once K units are committed. RESULT.json gets the job summary, the removal record,
+instance) once K units are committed and that node's actor is mid-unit (it holds its
+``HYMBA_FAULT_BUSY_DIR`` marker). RESULT.json gets the job summary, the removal record,
 and the peak RSS of the driver and of the actor processes (for the soak test).
 """
 
@@ -16,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -38,6 +40,10 @@ def main() -> None:
     from hymba_batch.jobs.spec import parse_spec
 
     spec = parse_spec(json.loads(Path(args.spec).read_text()))
+    busy_dir = Path(args.result).parent / "busy"
+    if args.remove_after_units:  # set before the nodes start: their workers inherit it
+        busy_dir.mkdir(exist_ok=True)
+        os.environ["HYMBA_FAULT_BUSY_DIR"] = str(busy_dir)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     workers = [cluster.add_node(num_cpus=args.cpus) for _ in range(args.nodes)]
     cluster.wait_for_nodes()
@@ -50,9 +56,9 @@ def main() -> None:
     def watch() -> None:
         status = Path(spec.output.uri) / "_hymba" / "status.json"
         tick = 0
-        while not done.wait(0.05):  # polling interval of the watcher, not a synchronization
+        while not done.wait(0.02):  # polling interval of the watcher, not a synchronization
             tick += 1
-            if tick % 10 == 0:  # memory twice a second
+            if tick % 25 == 0:  # memory twice a second
                 peaks["driver_rss"] = max(peaks["driver_rss"], me.memory_info().rss)
                 for p in me.children(recursive=True):
                     try:
@@ -65,10 +71,18 @@ def main() -> None:
                     doc = json.loads(status.read_text())
                 except ValueError:
                     continue
-                if doc["committed_units"] >= args.remove_after_units:
-                    node = workers[-1]
+                node = workers[-1]
+                busy = busy_dir / f"busy-{node.node_id}"
+                if doc["committed_units"] >= args.remove_after_units and busy.exists():
+                    try:
+                        pid = int(busy.read_text())
+                    except (OSError, ValueError):  # the unit ended meanwhile, or the pid is not written yet
+                        continue
                     result["removed"] = {"node_id": node.node_id, "committed_units": doc["committed_units"],
                                          "at": time.time()}
+                    # the whole node goes at once: its busy actor first (a worker outlives its raylet
+                    # for a moment and could still finish the unit), then the raylet and the rest
+                    os.kill(pid, signal.SIGKILL)
                     cluster.remove_node(node, allow_graceful=False)
 
     watcher = threading.Thread(target=watch, daemon=True)
