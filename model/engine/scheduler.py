@@ -45,7 +45,7 @@ class Sequence:
 
     @property
     def pending(self) -> int:
-        return len(self.prompt) + len(self.output) - self.num_cached
+        return self.num_tokens - self.num_cached
 
 
 @dataclass
