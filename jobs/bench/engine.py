@@ -262,6 +262,9 @@ def main() -> None:
     ap.add_argument("--actors", default="", help="comma list of engines per GPU, e.g. 1,2,4,8")
     ap.add_argument("--actor-prompts", type=int, default=1024)
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
+    ap.add_argument("--max-chunk-tokens", type=int, default=None, help="engine's per-sequence chunk cap")
+    ap.add_argument("--chunk-caps", default="", help="comma list: rerun each workload with these per-sequence "
+                    "chunk caps (0: none); results named e.g. M@1024")
     ap.add_argument("--json-out", default="")
     ap.add_argument("--profile", default="", help="write a kernel profile of a prefill and two decode steps here")
     a = ap.parse_args()
@@ -285,17 +288,29 @@ def main() -> None:
 
     if a.workloads:
         model = random_model(cfg, "cuda", torch.bfloat16)
-        engine = Engine(model, EngineConfig(max_batch_tokens=a.max_batch_tokens))
+        engine = Engine(model, EngineConfig(max_batch_tokens=a.max_batch_tokens, max_chunk_tokens=a.max_chunk_tokens))
         result["engine"] = {"slots": engine.cache.shape.num_slots, "blocks": engine.cache.shape.num_blocks,
                             "cache_gib": engine.cache.nbytes() / 2**30}
         engine.generate(prompts_for(64, 256, seed=5), SamplingParams(max_new_tokens=16, ignore_eos=True))
         if a.profile:
             print(profile_steps(engine, a.profile)[-9000:])
-        for name in a.workloads.split(","):
+        default_cap = engine.scheduler.max_chunk_tokens
+        floor_cache: dict[str, dict] = {}
+        runs = [(name, None) for name in a.workloads.split(",")]
+        runs += [(name, int(c)) for name in a.workloads.split(",") for c in a.chunk_caps.split(",") if c]
+        for name, cap in runs:
             prompts, news = workload(name, a.scale)
             engine.stats.update(prefill_s=0.0, decode_s=0.0, prefill_tokens=0, decode_tokens=0, steps=0)
+            engine.scheduler.max_chunk_tokens = (cap or a.max_batch_tokens) if cap is not None else default_cap
             r = run_workload(engine, name, prompts, news, a.repeats)
-            r.update(floors(cfg, prompts, news, r["seconds"], ceil, engine.cache.shape.num_slots))
+            r["max_chunk_tokens"] = engine.scheduler.max_chunk_tokens
+            if name not in floor_cache:  # the floors depend on the workload only (ratios: x seconds)
+                floor_cache[name] = floors(cfg, prompts, news, 1.0, ceil, engine.cache.shape.num_slots)
+            f = dict(floor_cache[name])
+            f["ratio_to_compute_floor"] *= r["seconds"]
+            f["ratio_to_bandwidth_floor"] *= r["seconds"]
+            r.update(f)
+            name = name if cap is None else f"{name}@{cap}"
             r["engine_stats"] = dict(engine.stats)  # summed over the repeats
             result[name] = r
             rows.append((name, f"{r['docs_per_s']:.1f} docs/s", f"{r['gen_tok_per_s']:.0f} gen tok/s",

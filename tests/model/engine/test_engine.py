@@ -39,7 +39,26 @@ def test_chunked_prefill_equals_whole_prefill(golden_model, golden, rand_prompts
     assert (last - ref).abs().max() <= 1e-5
     assert torch.allclose(chunked.cache.ssm[:, s2], whole.cache.ssm[:, s1], atol=1e-5)
     prompts = rand_prompts(5, 20, 60, seed=2)
-    assert _gen(golden_model, prompts, max_batch_tokens=9)[0] == _gen(golden_model, prompts)[0]
+    whole_ids = _gen(golden_model, prompts)[0]
+    assert _gen(golden_model, prompts, max_batch_tokens=9)[0] == whole_ids
+
+
+def test_chunk_cap_per_sequence(golden_model, rand_prompts):
+    """max_chunk_tokens: no chunk in a step is longer, several sequences still share a step, and
+    the tokens are those of whole prefills."""
+    prompts = rand_prompts(5, 20, 60, seed=2)
+    engine = Engine(golden_model, EngineConfig(max_chunk_tokens=7))
+    chunks = []
+    orig = engine.runner.prefill
+
+    def recording(slots, starts, cs):
+        chunks.append([len(c) for c in cs])
+        return orig(slots, starts, cs)
+
+    engine.runner.prefill = recording
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    assert [o.token_ids for o in outs] == _gen(golden_model, prompts)[0]
+    assert max(max(c) for c in chunks) == 7 and max(len(c) for c in chunks) == 5
 
 
 def test_preemption_under_a_tiny_pool_gives_the_same_tokens(tiny_model, rand_prompts):
