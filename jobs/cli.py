@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
                                                     "Ray's auth token is sent when the server asks for one")
     sb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     sb.add_argument("--no-check", action="store_true", help=NO_CHECK_HELP)
+    sb.add_argument("--quiet", "-q", action="store_true",
+                    help="print only the submission id, for scripts: JOB_ID=$(hymba-batch submit ... --quiet)")
     sb.add_argument("--incremental", action="store_true", help="an incremental run (see `run --incremental`)")
     sb.add_argument("--window", default=None,
                     help="schedule window id added to the submission id (default for incremental jobs: the "
@@ -175,6 +177,9 @@ def _ray_commands(args: argparse.Namespace, console: Console) -> int:
         sub = sj.plan_submission(spec, incremental=args.incremental, window=args.window,
                                  debug=getattr(args, "debug", False))
         address = sj.job_server_address(args.address)
+        if args.quiet:
+            sj.submit(address, sub, say=print)
+            return 0
         sj.submit(address, sub, say=lambda sid: console.print(
             f"submitted [bold]{sid}[/]\n  hymba-batch status {sid} --address {address}\n"
             f"  hymba-batch logs {sid} --address {address} --follow", highlight=False, soft_wrap=True))
@@ -232,6 +237,9 @@ def _main(args: argparse.Namespace, console: Console, err: Console) -> int:
             if not _looks_like_output(args.target):
                 err.print(f"{args.target}: not an output path; for a Ray job id pass --address URL")
                 return 2
+            if args.target.startswith("s3://"):  # a bad S3 setup: one line in seconds, not minutes of retries
+                from hymba_batch.pipeline.preflight import check_s3_read
+                check_s3_read(args.target, "output")
             doc = JobOutput(args.target, "parquet").read_status()
             if doc is None:
                 err.print(f"{args.target}: no _hymba/status.json (no job has run there)")

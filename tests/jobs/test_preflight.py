@@ -155,6 +155,13 @@ def test_s3_bucket_that_does_not_exist(spec_path, s3_endpoint, capsys) -> None:
            "output.uri s3://my-bucket/summaries/: bucket 'my-bucket' does not exist")
 
 
+def test_status_of_an_s3_output_checks_first(s3_endpoint, monkeypatch, capsys) -> None:
+    _fails(capsys, ["status", "s3://my-bucket/summaries/"], "output s3://my-bucket/summaries/: bucket 'my-bucket' "
+                                                             "does not exist")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    _fails(capsys, ["status", "s3://my-bucket/summaries/"], "cannot reach the S3 endpoint")
+
+
 def test_every_without_an_output_set_is_one_clear_error(tiny_checkpoint, s3_endpoint, tmp_path, monkeypatch,
                                                         capsys) -> None:
     """The example spec's default output (s3://my-bucket/summaries/) with --every: exit 2 at
