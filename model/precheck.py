@@ -18,7 +18,7 @@ from typing import Any
 
 from .config import ConfigError, HymbaConfig
 
-HUB_TIMEOUT_S = 4.0
+HUB_TIMEOUT_S = 3.0
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
