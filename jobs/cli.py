@@ -1,8 +1,13 @@
 """The ``hymba-batch`` command: ``run``, ``validate``, ``schema``, ``status``, ``demo``, and the
 Ray job commands ``submit``, ``status JOB_ID --address``, ``logs`` and ``cancel`` (jobs/submit.py).
 
+Before any planning or Ray, ``validate``, ``run`` and ``submit`` run the pre-flight checks
+(``jobs/preflight.py``: model, input, output, each within seconds). Errors are one or two lines,
+no traceback unless ``--debug``.
+
 Exit codes: 0 done, 1 the job failed (units quarantined, see the summary), 2 a bad spec or
-input (the message names the field, file or column) or a refused submission, 3 another run
+input (the message names the field, file or column), a pre-flight failure or a refused
+submission, 3 another run
 holds the output's lease (incremental mode; nothing was done), 130 cancelled (Ctrl-C, or the
 SIGTERM of ``hymba-batch cancel`` / ``ray job stop``; committed work is kept).
 """
@@ -19,16 +24,34 @@ from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
+from rich.markup import escape
+
+
+SPEC_HELP = "job spec YAML (see `hymba-batch schema`; examples in jobs/examples/)"
+SET_HELP = "override a spec field (value parsed as YAML; repeatable), e.g. --set output.uri=s3://bucket/out/"
+DEBUG_HELP = "show tracebacks and Ray's start-up messages"
+NO_CHECK_HELP = "skip the pre-flight checks of model, input and output (e.g. paths only the cluster can reach)"
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .quiet import version
+
     ap = argparse.ArgumentParser(prog="hymba-batch", description="Batch inference with Hymba on Ray: "
                                  "Parquet in, exactly-once Parquet/Arrow out.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run or resume a job")
-    r.add_argument("spec", help="job spec YAML")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec field, e.g. --set output.uri=s3://bucket/out/")
+    ap.add_argument("--version", action="version", version=f"hymba-batch {version()}")
+    ap.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    common = argparse.ArgumentParser(add_help=False)  # --debug also after the command
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
+                            help="what to do (`hymba-batch COMMAND --help` for its options)")
+
+    def add(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text[:1].upper() + text[1:] + ".", parents=[common])
+
+    r = add("run", "run or resume a job")
+    r.add_argument("spec", help=SPEC_HELP)
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    r.add_argument("--no-check", action="store_true", help=NO_CHECK_HELP)
     r.add_argument("--restart", action="store_true",
                    help="delete another run's output in output.uri and start over")
     r.add_argument("--no-progress", action="store_true", help="no live progress bar")
@@ -38,29 +61,39 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --incremental: run now, then at every tick (30m, 1h, 1d) until Ctrl-C")
     r.add_argument("--run-id", default=None, help="name of this incremental run (default: UTC time + random)")
     r.add_argument("--max-iterations", type=int, default=None, help=argparse.SUPPRESS)  # tests of --every
-    v = sub.add_parser("validate", help="check a spec (and with --plan, list its input and units)")
-    v.add_argument("spec")
-    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    v = add("validate", "check a spec, its model, input and output (with --plan, also list the input and "
+                        "cut it into units)")
+    v.add_argument("spec", help=SPEC_HELP)
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     v.add_argument("--plan", action="store_true", help="also list the input and cut it into units")
-    sub.add_parser("schema", help="print the job spec's JSON schema")
-    s = sub.add_parser("status", help="status of a job: from its output prefix, or a Ray job id with --address")
-    s.add_argument("target", metavar="OUTPUT_URI|JOB_ID")
+    v.add_argument("--no-check", action="store_true", help=NO_CHECK_HELP)
+    add("schema", "print the job spec's JSON schema (every field, described)")
+    s = add("status", "status of a job: from its output prefix, or a Ray job id with --address")
+    s.add_argument("target", metavar="OUTPUT_URI|JOB_ID", help="an output prefix (a path or s3:// URI), or the "
+                                                                "submission id that `submit` printed")
     s.add_argument("--address", default=None, help="Ray job server, e.g. http://127.0.0.1:8265 (or $RAY_ADDRESS)")
-    d = sub.add_parser("demo", help="sample data + tiny model + local S3 API + local Ray, end to end")
-    d.add_argument("--workdir", default=None, help="folder for the demo's files (default: a new temp folder)")
-    d.add_argument("--rows", type=int, default=300)
-    sb = sub.add_parser("submit", help="submit a job to a Ray cluster's job server")
-    sb.add_argument("spec", help="job spec YAML")
-    sb.add_argument("--address", default=None, help="Ray job server, e.g. http://127.0.0.1:8265 (or $RAY_ADDRESS)")
-    sb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    d = add("demo", "sample data + tiny model + local S3 API + local Ray, end to end")
+    d.add_argument("--workdir", default=None, help="folder for the demo's files (default: a new temp folder); "
+                                                   "it keeps the sample articles, the tiny model, the output "
+                                                   "and the S3 server's log")
+    d.add_argument("--rows", type=int, default=300, help="rows of sample articles to make (3 Parquet files; "
+                                                         "default 300)")
+    sb = add("submit", "submit a job to a Ray cluster's job server")
+    sb.add_argument("spec", help=SPEC_HELP)
+    sb.add_argument("--address", default=None, help="Ray job server, e.g. http://127.0.0.1:8265 (or $RAY_ADDRESS); "
+                                                    "Ray's auth token is sent when the server asks for one")
+    sb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    sb.add_argument("--no-check", action="store_true", help=NO_CHECK_HELP)
+    sb.add_argument("--quiet", "-q", action="store_true",
+                    help="print only the submission id, for scripts: JOB_ID=$(hymba-batch submit ... --quiet)")
     sb.add_argument("--incremental", action="store_true", help="an incremental run (see `run --incremental`)")
     sb.add_argument("--window", default=None,
                     help="schedule window id added to the submission id (default for incremental jobs: the "
                          "current UTC window of schedule.window); the same window is never submitted twice")
     for name, text in (("logs", "print a submitted job's log"), ("cancel", "stop a submitted job (keeps "
                                                                               "committed units)")):
-        c = sub.add_parser(name, help=text)
-        c.add_argument("job_id")
+        c = add(name, text)
+        c.add_argument("job_id", help="the submission id that `submit` printed")
         c.add_argument("--address", default=None, help="Ray job server (or $RAY_ADDRESS)")
         if name == "logs":
             c.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
@@ -75,14 +108,23 @@ def every_loop(run_once: Callable[[], int], interval_s: float, max_iterations: i
                sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
                say: Callable[[str], None] = print) -> int:
     """Call ``run_once`` now and at every later tick ``start + k * interval_s``; a run that
-    overruns skips the ticks it missed (runs never overlap). Ends on a bad spec (2), Ctrl-C
-    (130) or after ``max_iterations``; returns the last run's exit code."""
+    overruns skips the ticks it missed (runs never overlap). A failed run (an exit code other
+    than 0, or an exception, reported in one line) does not end the loop: the next tick runs
+    again (the input or the store may be back by then; mistakes in the spec are caught by the
+    pre-flight before the first run). Ends on Ctrl-C (130) or after ``max_iterations``;
+    returns the last run's exit code."""
     start = clock()
     done = 0
     while True:
-        rc = run_once()
+        try:
+            rc = run_once()
+        except KeyboardInterrupt:
+            return 130
+        except Exception as e:  # noqa: BLE001 - one line, then the next tick
+            say(f"run failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            rc = 1
         done += 1
-        if rc in (2, 130) or (max_iterations is not None and done >= max_iterations):
+        if rc == 130 or (max_iterations is not None and done >= max_iterations):
             return rc
         now = clock()
         nxt = start + (math.floor((now - start) / interval_s) + 1) * interval_s
@@ -100,6 +142,9 @@ def _run_once(spec, args, console: Console, err: Console) -> int:  # noqa: ANN00
     from .driver import run_job
     from .progress import RichReporter, summary_table
     reporter = None if args.no_progress else RichReporter(console=err)
+    from .quiet import version
+    err.print(f"hymba-batch {version()}: {'incremental run' if args.incremental else 'run'} {spec.name} "
+              f"-> {spec.output.uri}", highlight=False, soft_wrap=True)
     try:
         summary = run_job(spec, restart=args.restart, reporter=reporter, incremental=args.incremental,
                           run_id=args.run_id)
@@ -126,10 +171,18 @@ def _ray_commands(args: argparse.Namespace, console: Console) -> int:
         from .spec import load_spec
 
         spec = load_spec(args.spec, args.overrides)
-        sub = sj.plan_submission(spec, incremental=args.incremental, window=args.window)
-        sj.submit(args.address, sub, say=lambda sid: console.print(
-            f"submitted [bold]{sid}[/]\n  hymba-batch status {sid} --address ADDRESS\n"
-            f"  hymba-batch logs {sid} --address ADDRESS --follow", highlight=False, soft_wrap=True))
+        if not args.no_check:
+            from .preflight import preflight
+            preflight(spec)
+        sub = sj.plan_submission(spec, incremental=args.incremental, window=args.window,
+                                 debug=getattr(args, "debug", False))
+        address = sj.job_server_address(args.address)
+        if args.quiet:
+            sj.submit(address, sub, say=print)
+            return 0
+        sj.submit(address, sub, say=lambda sid: console.print(
+            f"submitted [bold]{sid}[/]\n  hymba-batch status {sid} --address {address}\n"
+            f"  hymba-batch logs {sid} --address {address} --follow", highlight=False, soft_wrap=True))
         return 0
     if args.cmd == "status":
         print(json.dumps(sj.job_status(args.address, args.target), indent=2, sort_keys=True, default=str))
@@ -145,12 +198,32 @@ def _ray_commands(args: argparse.Namespace, console: Console) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console, err = Console(), Console(stderr=True)
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("HYMBA_DEBUG", "") not in ("", "0")
+    args.debug = debug
+    try:
+        return _main(args, console, err)
+    except KeyboardInterrupt:
+        err.print("cancelled; committed units are kept")
+        return 130
+    except Exception as e:  # not a known user error: one line, the traceback with --debug
+        if debug:
+            raise
+        err.print(f"[red]error[/]: {type(e).__name__}: {escape(str(e))}", highlight=False, soft_wrap=True)
+        err.print("(run again with --debug for the traceback)", highlight=False)
+        return 1
+
+
+def _main(args: argparse.Namespace, console: Console, err: Console) -> int:
     from hymba_batch.pipeline.commit import OutputConflict
+    from hymba_batch.pipeline.preflight import PreflightError
     from hymba_batch.pipeline.shards import InputError
 
     from .spec import JobSpec, SpecError, load_spec, parse_duration
     from .submit import SubmitError
 
+    if not args.debug:
+        from .quiet import quiet_ray
+        quiet_ray()
     try:
         if args.cmd == "schema":
             print(json.dumps(JobSpec.model_json_schema(), indent=2))
@@ -164,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             if not _looks_like_output(args.target):
                 err.print(f"{args.target}: not an output path; for a Ray job id pass --address URL")
                 return 2
+            if args.target.startswith("s3://"):  # a bad S3 setup: one line in seconds, not minutes of retries
+                from hymba_batch.pipeline.preflight import check_s3_read
+                check_s3_read(args.target, "output")
             doc = JobOutput(args.target, "parquet").read_status()
             if doc is None:
                 err.print(f"{args.target}: no _hymba/status.json (no job has run there)")
@@ -174,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             return _ray_commands(args, console)
         spec = load_spec(args.spec, args.overrides)
         if args.cmd == "validate":
+            if not args.no_check:
+                from .preflight import preflight
+                preflight(spec)
             if args.plan:
                 from .driver import plan_job
                 plan = plan_job(spec)
@@ -189,27 +268,33 @@ def main(argv: list[str] | None = None) -> int:
                 check_run_id(args.run_id)
             except ValueError as e:
                 raise SpecError(f"--run-id: {e}") from None
-        handle_stop_signals()
-        err.print(f"hymba-batch code: {Path(__file__).resolve().parent.parent}", highlight=False, soft_wrap=True)
         args.incremental = args.incremental or spec.schedule.incremental
-        if args.every is None:
+        interval = None
+        if args.every is not None:
+            if not args.incremental:
+                raise SpecError("--every: only for incremental runs (add --incremental or schedule.incremental: true)")
+            if args.run_id:
+                raise SpecError("--run-id: not with --every (each run gets its own id)")
+            try:
+                interval = parse_duration(args.every, "--every")
+            except ValueError as e:
+                raise SpecError(str(e)) from None
+        if not args.no_check:
+            from .preflight import preflight
+            preflight(spec)
+        handle_stop_signals()
+        if args.debug:
+            err.print(f"hymba-batch code: {Path(__file__).resolve().parent.parent}", highlight=False, soft_wrap=True)
+        if interval is None:
             return _run_once(spec, args, console, err)
-        if not args.incremental:
-            raise SpecError("--every: only for incremental runs (add --incremental or schedule.incremental: true)")
-        if args.run_id:
-            raise SpecError("--run-id: not with --every (each run gets its own id)")
-        try:
-            interval = parse_duration(args.every, "--every")
-        except ValueError as e:
-            raise SpecError(str(e)) from None
         return every_loop(lambda: _run_once(spec, args, console, err), interval, args.max_iterations,
                           say=lambda m: err.print(m, highlight=False))
-    except (SpecError, InputError, OutputConflict, SubmitError) as e:
-        err.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
+    except (SpecError, InputError, OutputConflict, SubmitError, PreflightError) as e:
+        if args.debug:
+            import traceback
+            traceback.print_exc()
+        err.print(f"[red]error[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
-        err.print("cancelled; committed units are kept")
-        return 130
 
 
 if __name__ == "__main__":

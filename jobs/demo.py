@@ -3,12 +3,14 @@
 Makes a sample dataset (synthetic short articles in three Parquet files) and a tiny
 random-weight checkpoint, starts an S3 API server on loopback (moto) and local Ray, uploads
 both, runs a summarize job from ``s3://`` to ``s3://`` through the S3 API, copies the output to
-a local folder, and prints where it is and a few rows. The tiny model's words are random: the
+a local folder, and prints where it is and a few rows. The S3 server's request log goes to
+``<workdir>/s3-server.log``, not the terminal. The tiny model's words are random: the
 demo shows the pipeline, not the model's quality.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
@@ -83,6 +85,11 @@ def run_demo(workdir: str | None = None, rows: int = 300, console: Console | Non
     write_dataset(work / "articles", rows)
     write_checkpoint(work / "tiny-model", tiny_config(), seed=0)
 
+    s3_log = logging.getLogger("werkzeug")  # the S3 server's access log: one line per request
+    log_file = logging.FileHandler(work / "s3-server.log")
+    s3_log.addHandler(log_file)  # a handler of its own: werkzeug adds no terminal handler then
+    s3_log.setLevel(logging.INFO)
+    s3_log.propagate = False
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -96,7 +103,7 @@ def run_demo(workdir: str | None = None, rows: int = 300, console: Console | Non
         _upload(s3, work / "articles", "articles")
         _upload(s3, work / "tiny-model", "models/tiny")
         console.print(f"S3 API on http://{host}:{port}: s3://{BUCKET}/articles/ ({rows} rows, 3 files), "
-                      f"s3://{BUCKET}/models/tiny/")
+                      f"s3://{BUCKET}/models/tiny/ (request log: {work / 's3-server.log'})", soft_wrap=True)
         spec = parse_spec({
             "name": "demo-summarize",
             "model": {"path": f"s3://{BUCKET}/models/tiny/", "cache_budget_mb": 64, "max_num_seqs": 64},
@@ -133,3 +140,5 @@ def run_demo(workdir: str | None = None, rows: int = 300, console: Console | Non
         if started_ray:
             ray.shutdown()
         server.stop()
+        s3_log.removeHandler(log_file)
+        log_file.close()

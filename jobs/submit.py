@@ -13,6 +13,12 @@ plus ``-<window>`` for incremental jobs (default: the current UTC window of
 ``schedule.window``) or when ``--window`` is given. Ray refuses a second job with the same id,
 so the same job (or the same window of a scheduled job) is never submitted twice. The output
 URI rides in the submission's metadata, which is how ``status`` finds ``_hymba/status.json``.
+
+Ray's token authentication: Ray's client sends a token only when ``RAY_AUTH_MODE=token`` is set.
+When the job server answers 401 (it asks for a token) and that is not set, the commands here
+retry once with the local token, found where Ray keeps it (``RAY_AUTH_TOKEN``, else the file
+``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``, which ``ray start`` writes), sent as Ray's
+client sends it (``Authorization: Bearer <token>``).
 Knows nothing of models, units or the commit protocol beyond reading the status document.
 """
 
@@ -70,8 +76,9 @@ def window_id(spec: JobSpec, now: float | None = None) -> str:
 
 
 def plan_submission(spec: JobSpec, incremental: bool = False, window: str | None = None,
-                    now: float | None = None) -> Submission:
-    """The submission of ``spec``: its id, entrypoint, shipped spec and metadata."""
+                    now: float | None = None, debug: bool = False) -> Submission:
+    """The submission of ``spec``: its id, entrypoint, shipped spec and metadata (``debug``: the
+    job runs with ``--debug``: tracebacks, Ray's start-up messages, where its code came from)."""
     incremental = incremental or spec.schedule.incremental
     data = spec.model_dump(mode="json")
     data["model"]["path"] = _absolute(data["model"]["path"], only_if_exists=True)
@@ -88,6 +95,8 @@ def plan_submission(spec: JobSpec, incremental: bool = False, window: str | None
     entry = f"python -m hymba_batch.jobs.cli run job.yaml --no-progress --run-id {sid}"
     if incremental:
         entry += " --incremental"
+    if debug:
+        entry += " --debug"
     meta = {"hymba_job": spec.name, "hymba_output_uri": data["output"]["uri"], "hymba_format": spec.output.format,
             "hymba_incremental": "1" if incremental else "0", "hymba_window": window or ""}
     return Submission(sid, entry, data, meta, incremental)
@@ -105,20 +114,49 @@ def stage_code(dest: Path) -> Path:
     return pkg
 
 
-def client(address: str | None) -> Any:
-    """A JobSubmissionClient for ``address`` (or $RAY_ADDRESS); SubmitError when unreachable."""
-    from ray.job_submission import JobSubmissionClient
-
+def job_server_address(address: str | None) -> str:
+    """``address``, else $RAY_ADDRESS; SubmitError when neither is set."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise SubmitError("no Ray job server: pass --address http://HEAD:8265 (or set RAY_ADDRESS)")
-    from ray.exceptions import AuthenticationError
+    return address
 
+
+def local_ray_token() -> tuple[str, str] | None:
+    """(token, where it came from) as Ray's own client finds it: ``RAY_AUTH_TOKEN``, the file
+    ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``; None when there is none."""
+    env = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if env:
+        return env, "RAY_AUTH_TOKEN"
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
     try:
-        return JobSubmissionClient(address)
-    except AuthenticationError as e:
-        raise SubmitError(f"--address {address}: the job server requires Ray's auth token: set RAY_AUTH_MODE=token "
-                          f"and RAY_AUTH_TOKEN (or keep the token in ~/.ray/auth_token)") from e
+        token = path.read_text().strip()
+    except OSError:
+        return None
+    return (token, str(path)) if token else None
+
+
+def client(address: str | None) -> Any:
+    """A JobSubmissionClient for ``address`` (or $RAY_ADDRESS), with the local Ray token when the
+    server asks for one; SubmitError when unreachable or refused."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    address = job_server_address(address)
+    how = "set RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` on its head) or keep it in ~/.ray/auth_token"
+    try:
+        try:
+            return JobSubmissionClient(address)
+        except AuthenticationError:
+            token = local_ray_token()
+            if token is None:
+                raise SubmitError(f"--address {address}: the job server asks for Ray's auth token and none was found "
+                                  f"here: {how}") from None
+            try:
+                return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token[0]}"})
+            except AuthenticationError:
+                raise SubmitError(f"--address {address}: the job server rejected the Ray auth token from {token[1]}: "
+                                  f"{how}") from None
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise SubmitError(f"--address {address}: cannot reach a Ray job server ({e})") from e
 

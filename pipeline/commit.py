@@ -82,21 +82,37 @@ class JobOutput:
         parts = json.loads(json.dumps(parts, sort_keys=True, default=str))  # as stored: tuples become lists
         state = "new"
         if old is not None and old.get("fingerprint") != fp:
-            if not restart:
+            if not restart and not self.released():
                 changed = sorted(k for k in set(parts) | set(old.get("parts", {}))
                                  if parts.get(k) != old.get("parts", {}).get(k))
                 raise OutputConflict(
                     f"output.uri {self.uri} holds another run's output (fingerprint "
                     f"{old.get('fingerprint', '?')[:12]}, this job {fp[:12]}; changed: {', '.join(changed)}). "
                     f"Re-run with --restart to delete it and start over, or choose another output.uri")
+            # --restart, or a run that ended (failed, cancelled) with nothing committed: its
+            # fingerprint is not pinned, the corrected spec starts over (there is nothing to lose)
             self.clear(keep)
-            state = "restart"
+            state = "restart" if restart else "new"
         elif old is not None:
             state = "resume"
         if state != "resume":
             write_json(self.loc, self.job_path, {"fingerprint": fp, "parts": parts,
                                                  "created_at": time.time()}, self.tmp)
         return state
+
+    def holds_commits(self) -> bool:
+        """Whether anything was ever committed here: a part file, a manifest or ``_SUCCESS``, or an
+        incremental run's state (``_hymba/state.json``)."""
+        return bool(self.parts()) or any(exists(self.loc, p) for p in (
+            self.success_path, self.manifest_path, self.loc.join(META_DIR, "state.json")))
+
+    def released(self) -> bool:
+        """Whether the prefix's earlier job let go of it: its run ended (``failed`` or
+        ``cancelled`` in the status) and nothing was ever committed. A claim whose run may still be
+        going (status ``running``, or none yet) stays pinned."""
+        if self.holds_commits():
+            return False
+        return (self.read_status() or {}).get("state") in ("failed", "cancelled")
 
     def clear(self, keep: tuple[str, ...] = ()) -> None:
         """Remove a previous job's files: the success marker and manifest first, then parts,

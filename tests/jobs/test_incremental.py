@@ -216,7 +216,18 @@ def test_every_parsing_and_schedule() -> None:
         raise KeyboardInterrupt
 
     assert every_loop(lambda: 0, 60, sleep=interrupted, clock=lambda: 0.0, say=lambda m: None) == 130
-    assert every_loop(lambda: 2, 60, sleep=sleep, clock=lambda: 0.0, say=lambda m: None) == 2  # bad spec: stop
+    # a failed run (an exit code, or an exception) does not end the loop: the next tick runs again
+    outcomes = iter([2, RuntimeError("S3 is down"), 0])
+    said: list[str] = []
+
+    def flaky() -> int:
+        o = next(outcomes)
+        if isinstance(o, Exception):
+            raise o
+        return o
+
+    assert every_loop(flaky, 60, max_iterations=3, sleep=sleep, clock=lambda: 0.0, say=said.append) == 0
+    assert "run failed: RuntimeError: S3 is down" in said and len([m for m in said if m.startswith("next run")]) == 2
 
 
 def test_every_needs_incremental_and_a_valid_duration(tiny_checkpoint, tmp_path, capsys, restore_sigterm) -> None:

@@ -16,7 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import psutil
@@ -81,15 +83,30 @@ def _stop_tree(root: psutil.Process, extra: list[psutil.Process]) -> None:
 @pytest.fixture(scope="module")
 def ray_head():
     """A local Ray head with the dashboard / job server on 127.0.0.1; yields its HTTP address."""
+    # RAY_AUTH_MODE=disabled: Ray 2.60 turns token auth on when ~/.ray/auth_token exists; this
+    # head is private to the test (127.0.0.1); test_submit_sends_the_local_ray_token has its own.
+    yield from _ray_head({"RAY_AUTH_MODE": "disabled"})
+
+
+@pytest.fixture(scope="module")
+def token_head(tmp_path_factory):
+    """A local Ray head that requires Ray's auth token, kept in ``<home>/.ray/auth_token`` as
+    ``ray start`` keeps it; yields (address, home)."""
+    home = tmp_path_factory.mktemp("home")
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+    for address in _ray_head({"RAY_AUTH_MODE": "token", "HOME": str(home)}):
+        yield address, home
+
+
+def _ray_head(env_extra: dict[str, str]):
     temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # short: Ray's socket paths have a length limit
     dash = _free_port()
     ports = {f"--{k}": str(_free_port()) for k in (
         "port", "ray-client-server-port", "node-manager-port", "object-manager-port", "metrics-export-port",
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")}
-    # RAY_AUTH_MODE=disabled: Ray 2.60 turns token auth on when ~/.ray/auth_token exists; this
-    # head is private to the test (127.0.0.1), and infra/ tests cover the token-auth deployment.
     env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
-               RAY_AUTH_MODE="disabled")
+               **env_extra)
     env.pop("RAY_ADDRESS", None)
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0",
@@ -101,8 +118,10 @@ def ray_head():
     def up() -> bool:
         assert proc.poll() is None, (Path(temp_dir) / "ray-start.log").read_text()[-3000:]
         try:
-            with urllib.request.urlopen(f"{address}/api/jobs/", timeout=2) as r:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
                 return r.status == 200
+        except urllib.error.HTTPError as e:
+            return e.code == 401  # up, and asking for the token
         except OSError:
             return False
 
@@ -137,9 +156,10 @@ def test_submit_status_logs_and_duplicate_window(ray_head, tiny_checkpoint, tmp_
     spec_path.write_text(yaml.safe_dump(job_dict(tiny_checkpoint, str(src), str(out))))
     expected = plan_submission(parse_spec(yaml.safe_load(spec_path.read_text())), incremental=True).submission_id
 
-    assert main(["submit", str(spec_path), "--address", ray_head, "--incremental"]) == 0
+    assert main(["submit", str(spec_path), "--address", ray_head, "--incremental", "--debug"]) == 0
     printed = capsys.readouterr().out
     assert f"submitted {expected}" in printed and expected.startswith("hymba-test-job-")
+    assert f"hymba-batch status {expected} --address {ray_head}\n" in printed  # the real address, to copy
     assert expected.endswith(window_id(parse_spec(yaml.safe_load(spec_path.read_text()))))
     state = _wait("the job to finish", lambda: (s := _ray_state(ray_head, expected)) in
                   ("SUCCEEDED", "FAILED", "STOPPED") and s, timeout=240)
@@ -154,7 +174,8 @@ def test_submit_status_logs_and_duplicate_window(ray_head, tiny_checkpoint, tmp_
     assert job["committed_rows"] == job["total_rows"] == total and job["completion_tokens"] > 0
     assert "eta_s" in job and job["new_files"] == 2
 
-    # the job ran the code submit shipped (a py_modules package), not this checkout
+    # the job ran the code submit shipped (a py_modules package), not this checkout (--debug,
+    # passed on to the job, prints where its code came from)
     code = next(line.split(": ", 1)[1] for line in logs.splitlines() if line.startswith("hymba-batch code: "))
     assert "runtime_resources" in code and "py_modules" in code and not code.startswith(str(REPO)), code
     assert f"run {expected}: 2 new" in logs
@@ -232,3 +253,25 @@ def test_status_and_submit_errors_name_the_problem(ray_head, tmp_path, capsys) -
     assert "missing.yaml: cannot read the job spec" in capsys.readouterr().err
     assert main(["logs", "hymba-nope-000000000000", "--address", ray_head]) == 2
     assert "cannot read its logs" in capsys.readouterr().err
+
+
+def test_commands_send_the_local_ray_token_when_the_server_asks(token_head, tmp_path) -> None:
+    """A head with token auth, the token in ~/.ray/auth_token (as `ray start` leaves it) and no
+    RAY_AUTH_MODE here: the commands reach the job server; without a token, or with a wrong
+    one, one line says where the token goes."""
+    address, home = token_head
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
+                                                            "RAY_ADDRESS")}
+
+    def status(**extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "hymba_batch.jobs.cli", "status", "hymba-nope-000000000000",
+                               "--address", address], capture_output=True, text=True, timeout=120,
+                              env={**env, "HOME": str(home), **extra})
+
+    reached = status()
+    assert reached.returncode == 2 and "hymba-nope-000000000000: no such job" in reached.stderr, reached.stderr
+    none = status(HOME=str(tmp_path))
+    assert none.returncode == 2 and "Traceback" not in none.stderr
+    assert "asks for Ray's auth token and none was found" in none.stderr and "~/.ray/auth_token" in none.stderr
+    wrong = status(RAY_AUTH_TOKEN="not-the-token")
+    assert wrong.returncode == 2 and "rejected the Ray auth token from RAY_AUTH_TOKEN" in wrong.stderr, wrong.stderr

@@ -41,5 +41,6 @@ def test_model_never_imports_ray_or_pyarrow() -> None:
 
 
 def test_driver_side_of_jobs_does_not_import_torch() -> None:
-    loaded = _imported_after(["hymba_batch.jobs.spec", "hymba_batch.jobs.driver", "hymba_batch.jobs.cli"])
+    loaded = _imported_after(["hymba_batch.jobs.spec", "hymba_batch.jobs.driver", "hymba_batch.jobs.cli",
+                              "hymba_batch.jobs.preflight"])  # the pre-flight, model check included
     assert "torch" not in loaded

@@ -85,6 +85,28 @@ def test_fingerprint_change_refused_unless_restart(tmp_path, units, tokenizer_di
     assert out.committed(units) == {}
 
 
+def test_fingerprint_of_a_run_that_committed_nothing_is_not_pinned(tmp_path, units, tokenizer_dir) -> None:
+    """A failed run (claimed the prefix, status `failed`, committed no unit) does not hold the
+    output: the corrected job starts without --restart; once a unit is committed, it does."""
+    uri = str(tmp_path / "out")
+    out = JobOutput(uri, "parquet")
+    assert out.prepare("fp-bad", {"model": "missing"}, False) == "new"
+    for running in (None, {"state": "running"}):  # a run that may still be going keeps its claim
+        if running:
+            out.write_status(running)
+        with pytest.raises(OutputConflict, match="changed: model"):
+            out.prepare("fp-good", {"model": "m"}, False)
+    out.write_status({"state": "failed", "error": "no such checkpoint folder"})
+    assert not out.holds_commits() and out.released()
+    assert out.prepare("fp-good", {"model": "m"}, False) == "new"
+    assert JobOutput(uri, "parquet").read_status() is None  # the failed run's files are gone
+    _runner(load_codec(tokenizer_dir), uri).run(units[0])
+    assert out.holds_commits()
+    with pytest.raises(OutputConflict, match="changed: model"):
+        out.prepare("fp-other", {"model": "n"}, False)
+    assert set(out.committed(units)) == {units[0].unit_id}  # the refusal kept the committed unit
+
+
 def test_foreign_files_in_output_are_refused(tmp_path) -> None:
     d = tmp_path / "out"
     d.mkdir()

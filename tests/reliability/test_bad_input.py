@@ -228,3 +228,20 @@ def test_bad_checkpoint_fails_fast_naming_the_problem(ray_cluster, tiny_checkpoi
     assert [p.name for p in out.iterdir()] == ["_hymba"]  # only the claim and the failed status
     doc = json.loads((out / "_hymba" / "status.json").read_text())
     assert doc["state"] == "failed" and msg in doc["error"]
+
+
+def test_failed_job_that_committed_nothing_does_not_pin_its_fingerprint(ray_cluster, tiny_checkpoint,
+                                                                         tmp_path) -> None:
+    """A job whose actors cannot load the model fails with nothing committed; the corrected job
+    (another model, so another fingerprint) then runs into the same output without --restart."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    pq.write_table(_table(4), src / "a.parquet")
+    ckpt = tmp_path / "ckpt"
+    _broken_checkpoint(tiny_checkpoint, ckpt, "not-hymba")
+    with pytest.raises(PoolError):
+        run_job(parse_spec(job(ckpt, str(src), str(out))))
+    assert json.loads((out / "_hymba" / "status.json").read_text())["state"] == "failed"
+    summary = run_job(parse_spec(job(tiny_checkpoint, str(src), str(out))))
+    assert summary.state == "succeeded" and summary.committed_rows == 4
+    check_output(str(out), input_rows(str(src)))
