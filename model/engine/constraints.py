@@ -59,26 +59,3 @@ def fill_rows(constraints: list[Any], out: np.ndarray) -> None:
     for batch, rows in groups.items():
         batch([constraints[i] for i in rows], out, rows)
 
-
-class ForcedTokens:
-    """Allows exactly the given tokens, one after the other, then is done: teacher forcing (a
-    label's tokens scored as a continuation of the prompt, with ``SamplingParams.logprobs``)."""
-
-    masks = True
-
-    def __init__(self, token_ids: list[int] | tuple[int, ...]):
-        if not token_ids:
-            raise ValueError("ForcedTokens needs at least one token")
-        self.tokens, self.pos = tuple(token_ids), 0
-
-    def allowed_mask(self, out: np.ndarray) -> None:
-        t = self.tokens[min(self.pos, len(self.tokens) - 1)]
-        out[t // 32] = np.int32(np.uint32(1 << (t % 32)).view(np.int32))
-
-    def advance(self, token_id: int) -> None:
-        if self.pos >= len(self.tokens) or token_id != self.tokens[self.pos]:
-            raise ValueError(f"ForcedTokens: got token {token_id}, expected {self.tokens[min(self.pos, len(self.tokens) - 1)]}")
-        self.pos += 1
-
-    def is_done(self) -> bool:
-        return self.pos >= len(self.tokens)

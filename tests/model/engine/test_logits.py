@@ -9,7 +9,7 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from hymba_batch.model.engine import Engine, SamplingParams
-from hymba_batch.model.engine.constraints import ForcedTokens
+from hymba_batch.pipeline.classify import ForcedTokens
 from hymba_batch.model.sampling import unpack_bitmask
 
 PROMPT = [1, 9, 10, 11, 9, 10]
