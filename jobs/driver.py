@@ -111,7 +111,7 @@ def enrich_config(spec: JobSpec) -> EnrichConfig:
         except (SchemaError, ValueError) as e:
             raise SpecError(str(e)) from None
     return EnrichConfig(kind=t.kind, labels=tuple(t.labels or ()), stop=tuple(t.stop or ()), logprobs=t.logprobs,
-                        json_schema=json.dumps(schema, sort_keys=True) if schema is not None else None)
+                        json_schema=json.dumps(schema) if schema is not None else None)  # key order = column order
 
 
 def _prompt_text(spec: JobSpec) -> str | None:
