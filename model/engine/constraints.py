@@ -12,9 +12,10 @@ strings): it only asks, once per sampling step of that request,
 - ``advance(token_id)``: the token sampled for the request, after sampling (on the host);
 - ``is_done()``: whether the request is complete (it then finishes with reason ``stop``).
 
-A class may also offer ``fill_masks(constraints, out, rows)`` (a classmethod) to fill many rows
-at once (a grammar library filling masks on several threads); the engine uses it for the
-requests of a step whose constraints share that class. Requests without a constraint pay
+A class may also offer classmethods that serve many requests at once (a grammar library working
+on several threads): ``fill_masks(constraints, out, rows)`` and ``advance_all(constraints,
+tokens) -> list[str | None]`` (an error message per constraint, None when it took its token);
+the engine uses them for the requests of a step whose constraints share that class. Requests without a constraint pay
 nothing. The interface is a Protocol: implementers (``pipeline/``, ``workers/``) need not import
 this module, so a grammar library is never imported by the engine.
 """
@@ -59,3 +60,27 @@ def fill_rows(constraints: list[Any], out: np.ndarray) -> None:
     for batch, rows in groups.items():
         batch([constraints[i] for i in rows], out, rows)
 
+
+
+def advance_rows(constraints: list[Any], tokens: list[int]) -> list[str | None]:
+    """Give each constraint its sampled token; an error message per constraint (None: fine),
+    batching constraints whose class has an ``advance_all`` classmethod."""
+    errors: list[str | None] = [None] * len(constraints)
+    groups: dict[Any, list[int]] = {}
+    for i, c in enumerate(constraints):
+        batch = getattr(type(c), "advance_all", None)
+        if batch is not None:
+            groups.setdefault(batch, []).append(i)
+            continue
+        try:
+            c.advance(tokens[i])
+        except Exception as e:  # noqa: BLE001 - a constraint's failure is its request's error
+            errors[i] = f"{type(e).__name__}: {e}"
+    for batch, rows in groups.items():
+        try:
+            got = batch([constraints[i] for i in rows], [tokens[i] for i in rows])
+        except Exception as e:  # noqa: BLE001
+            got = [f"{type(e).__name__}: {e}"] * len(rows)
+        for i, err in zip(rows, got):
+            errors[i] = err
+    return errors

@@ -22,6 +22,7 @@ from ..hymba import HymbaForCausalLM
 from ..sampling import sample
 from .api import RequestOutput, SamplingParams
 from .cache import KVCache, plan_cache
+from .constraints import advance_rows
 from .logits import LogitsProcessor
 from .runner import ModelRunner
 from .scheduler import DecodeBatch, Scheduler, Sequence
@@ -162,20 +163,20 @@ class Engine:
         else:  # one transfer for both (ids < 2^53 are exact in float64)
             both = torch.cat([new_dev.double(), lp.double()]).tolist()
             new, lps = [int(t) for t in both[:len(seqs)]], both[len(seqs):]
+        con = [i for i, s in enumerate(seqs) if s.params.constraint is not None]
+        errors: dict[int, str | None] = {}
+        if con:
+            errs = advance_rows([seqs[i].params.constraint for i in con], [new[i] for i in con])
+            errors = dict(zip(con, errs))
         out = []
         for i, (s, t) in enumerate(zip(seqs, new)):
             s.output.append(t)
             if lps is not None and s.params.logprobs:
                 s.logprobs.append(lps[i])
             c = s.params.constraint
-            reason, error = None, None
-            if c is not None:
-                try:
-                    c.advance(t)
-                except Exception as e:  # noqa: BLE001 - a constraint's failure is its request's error
-                    error = f"decoding constraint: {type(e).__name__}: {e}"
+            reason, error = None, errors.get(i)
             if error is not None:
-                reason = "error"
+                reason, error = "error", f"decoding constraint: {error}"
             elif not s.params.ignore_eos and (t == self.eos or t in s.params.stop_token_ids):
                 reason = "stop"
             elif c is not None and len(s.output) >= s.params.min_new_tokens and c.is_done():

@@ -94,39 +94,46 @@ class LogitsProcessor:
         return self._host[:n]
 
     def process(self, seqs: list["Sequence"], logits: torch.Tensor) -> torch.Tensor:
-        """The logits to sample from (the same tensor when no request asks for anything)."""
+        """The logits to sample from (the same tensor when no request asks for anything).
+
+        The constraints' masks are filled on the host first, before anything here waits on the
+        device (a copy of host data to the device waits for the step's forward): so the host
+        fills them while the device is still running the forward."""
         dev = logits.device
         self._pending = None
+        con = [i for i, s in enumerate(seqs) if s.params.constraint is not None and s.params.constraint.masks]
+        host = None
+        if con:
+            host = self._host_rows(len(con))
+            fill_rows([seqs[i].params.constraint for i in con], host.numpy())
         pen = [i for i, s in enumerate(seqs) if s.params.penalized]
+        r_min, c_min = [], []
+        for i, s in enumerate(seqs):
+            p = s.params
+            if len(s.output) < p.min_new_tokens and not p.ignore_eos:
+                stops = sorted({self.eos, *p.stop_token_ids})
+                r_min += [i] * len(stops)
+                c_min += stops
+        if not (con or pen or r_min):
+            return logits
+        logits = logits.clone()
         if pen:
             rows = self.penalties.rows([seqs[i] for i in pen])
             idx = torch.tensor(pen, dtype=torch.long, device=dev)
             rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
             ps = [seqs[i].params for i in pen]
-            logits = logits.clone()
             logits[idx] = apply_penalties(
                 logits[idx], self.penalties.counts[rows_t], self.penalties.seen[rows_t],
                 torch.tensor([p.repetition_penalty for p in ps], device=dev),
                 torch.tensor([p.presence_penalty for p in ps], device=dev),
                 torch.tensor([p.frequency_penalty for p in ps], device=dev))
             self._pending = (rows_t, idx)
-        r_min, c_min = [], []
-        for i, s in enumerate(seqs):
-            p = s.params
-            if len(s.output) < p.min_new_tokens and not p.ignore_eos:
-                stops = {self.eos, *p.stop_token_ids}
-                r_min += [i] * len(stops)
-                c_min += sorted(stops)
         if r_min:
-            logits = logits.clone() if not pen else logits
             logits[torch.tensor(r_min, device=dev), torch.tensor(c_min, device=dev)] = float("-inf")
-        con = [i for i, s in enumerate(seqs) if s.params.constraint is not None and s.params.constraint.masks]
         if con:
-            host = self._host_rows(len(con))
-            fill_rows([seqs[i].params.constraint for i in con], host.numpy())
+            assert host is not None
             mask = host.to(dev, non_blocking=True)
             idx = torch.tensor(con, dtype=torch.long, device=dev)
-            logits = logits.clone() if not (pen or r_min) else logits
             logits[idx] = apply_token_bitmask(logits[idx], mask)
         return logits
 

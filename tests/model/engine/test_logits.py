@@ -121,3 +121,32 @@ def test_min_new_tokens_is_validated():
         SamplingParams(max_new_tokens=2, min_new_tokens=3)
     with pytest.raises(ValueError, match="presence_penalty"):
         SamplingParams(presence_penalty=3)
+
+
+def test_batched_constraint_hooks_serve_a_whole_step(tiny_model):
+    """A class's ``fill_masks`` / ``advance_all`` classmethods are used for all its requests of a
+    step, and an error it reports for one request fails only that request."""
+    calls = {"fill": 0, "advance": 0}
+
+    class Batched(ForcedTokens):
+        @classmethod
+        def fill_masks(cls, constraints, out, rows):
+            calls["fill"] += 1
+            for c, r in zip(constraints, rows):
+                c.allowed_mask(out[r])
+
+        @classmethod
+        def advance_all(cls, constraints, tokens):
+            calls["advance"] += 1
+            errors = []
+            for c, t in zip(constraints, tokens):
+                c.advance(t)
+                errors.append("refused" if c.tokens == (9, 10) else None)
+            return errors
+
+    labels = [[5, 6], [7, 8], [9, 10]]
+    outs = Engine(tiny_model).generate([PROMPT] * 3, [SamplingParams(max_new_tokens=2, constraint=Batched(x))
+                                                      for x in labels])
+    assert [o.token_ids for o in outs[:2]] == labels[:2] and all(o.finish_reason == "stop" for o in outs[:2])
+    assert outs[2].finish_reason == "error" and "refused" in outs[2].error
+    assert calls["fill"] == calls["advance"] >= 1
