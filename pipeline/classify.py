@@ -7,8 +7,8 @@ log-probabilities returned (the model's own distribution, before any mask). The 
 log-likelihood is their sum. All rows' label requests share the engine's continuous batch, so
 label continuations are decoded batched; the prompt is prefilled once per (row, label) request
 (once per row needs the engine to fork a prefilled prompt, which this version does not ask of
-it). A label's tokens are ``codec.encode_fragment(label)`` (as the model would write it at the
-start of its answer). Knows nothing of models.
+it). A label's tokens are those the model would write at the start of its answer
+(``enrich.label_tokens``). Knows nothing of models.
 """
 
 from __future__ import annotations

@@ -66,13 +66,27 @@ class RequestOptions:
     logprobs: bool = False
 
 
+def label_tokens(codec: "Codec", label: str, chat: bool) -> list[int]:
+    """A label's tokens as the model would write them at the start of its answer: for chat
+    prompts, as tokenized right after the chat template's assistant opener (after its newline:
+    ``positive`` -> ``pos itive``, not ``_positive``); for plain prompts, as a word after a space."""
+    if chat:
+        base = codec.chat_text("x")
+        head = codec.encode_prompts([base], chat=True)[0]
+        full = codec.encode_prompts([base + label], chat=True)[0]
+        if full[:len(head)] == head and len(full) > len(head):
+            return full[len(head):]
+    return codec.encode_fragment(label)
+
+
 GenerateWithOptions = Callable[[list[list[int]], list[int], list[RequestOptions]], list["Generation"]]
 
 
 class Enricher:
     """Builds one unit's requests and its extra columns (one per actor: the grammar is compiled once)."""
 
-    def __init__(self, cfg: EnrichConfig, codec: "Codec", vocab_size: int, max_new_tokens: int) -> None:
+    def __init__(self, cfg: EnrichConfig, codec: "Codec", vocab_size: int, max_new_tokens: int,
+                 chat: bool = False) -> None:
         self.cfg, self.codec = cfg, codec
         self.arrow: pa.DataType | None = None
         self.grammar = None
@@ -85,7 +99,7 @@ class Enricher:
         self.label_ids: list[list[int]] = []
         if cfg.kind == "classify":
             check_labels(cfg.labels)
-            self.label_ids = [codec.encode_fragment(x) for x in cfg.labels]
+            self.label_ids = [label_tokens(codec, x, chat) for x in cfg.labels]
             for label, ids in zip(cfg.labels, self.label_ids):
                 if not ids or len(ids) > max_new_tokens:
                     raise ValueError(f"task.labels: {label!r} is {len(ids)} tokens; at most task.max_new_tokens "

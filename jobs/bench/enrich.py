@@ -34,6 +34,7 @@ from hymba_batch.model.checkpoints import random_model, tiny_config
 from hymba_batch.model.config import HymbaConfig, real_config_dict
 from hymba_batch.model.engine import Engine, EngineConfig, SamplingParams
 from hymba_batch.pipeline.classify import ForcedTokens, label_probs
+from hymba_batch.pipeline.enrich import label_tokens
 from hymba_batch.pipeline.grammar import JsonGrammar
 from hymba_batch.pipeline.tokenizer import load_codec
 
@@ -93,7 +94,7 @@ def constraint_cost(engine: Engine, grammar: JsonGrammar, prompts, new: int, dev
 
 
 def classify_rate(engine: Engine, codec, prompts, dev: str) -> dict:
-    label_ids = [codec.encode_fragment(x) for x in LABELS]
+    label_ids = [label_tokens(codec, x, chat=True) for x in LABELS]
     reqs, params = [], []
     for p in prompts:
         for ids in label_ids:

@@ -127,3 +127,14 @@ def test_messages_become_chat_prompts(tokenizer_dir) -> None:
 def test_cut_at_the_first_stop_string() -> None:
     assert cut_at_stop("abc. def\n\nghi", ("\n\n", ".")) == ("abc", True)
     assert cut_at_stop("abc", ("x",)) == ("abc", False)
+
+
+def test_label_tokens_are_those_written_after_the_prompt(tokenizer_dir) -> None:
+    from hymba_batch.pipeline.enrich import label_tokens
+
+    codec = load_codec(tokenizer_dir)
+    for label in ("positive", "mixed feelings"):
+        head = codec.encode_prompts([codec.chat_text("Some row text.")], chat=True)[0]
+        full = codec.encode_prompts([codec.chat_text("Some row text.") + label], chat=True)[0]
+        assert full == head + label_tokens(codec, label, chat=True)
+        assert label_tokens(codec, label, chat=False) == codec.encode_fragment(label)
