@@ -166,8 +166,10 @@ class Engine:
         con = [i for i, s in enumerate(seqs) if s.params.constraint is not None]
         errors: dict[int, str | None] = {}
         if con:
+            t0 = time.perf_counter()
             errs = advance_rows([seqs[i].params.constraint for i in con], [new[i] for i in con])
             errors = dict(zip(con, errs))
+            self.logits_processor.stats["constraint_advance_s"] += time.perf_counter() - t0
         out = []
         for i, (s, t) in enumerate(zip(seqs, new)):
             s.output.append(t)

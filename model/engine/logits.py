@@ -16,6 +16,7 @@ distribution, before penalties, masks and temperature). Knows nothing of text or
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -85,6 +86,7 @@ class LogitsProcessor:
         self.penalties = PenaltyState(vocab, device)
         self._host = torch.zeros(0, self.words, dtype=torch.int32)  # pinned on CUDA
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, batch idx) to record
+        self.stats = {"constraint_fill_s": 0.0, "constraint_advance_s": 0.0}  # host time, for benchmarks
 
     def _host_rows(self, n: int) -> torch.Tensor:
         if self._host.shape[0] < n:
@@ -104,8 +106,10 @@ class LogitsProcessor:
         con = [i for i, s in enumerate(seqs) if s.params.constraint is not None and s.params.constraint.masks]
         host = None
         if con:
+            t0 = time.perf_counter()
             host = self._host_rows(len(con))
             fill_rows([seqs[i].params.constraint for i in con], host.numpy())
+            self.stats["constraint_fill_s"] += time.perf_counter() - t0
         pen = [i for i, s in enumerate(seqs) if s.params.penalized]
         r_min, c_min = [], []
         for i, s in enumerate(seqs):
