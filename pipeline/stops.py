@@ -67,3 +67,39 @@ class AllOf:
 
     def is_done(self) -> bool:
         return any(p.is_done() for p in self.parts)
+
+    @classmethod
+    def fill_masks(cls, constraints: list["AllOf"], out, rows: list[int]) -> None:  # noqa: ANN001
+        """Many rows at once: the maskers' own batched fill where their class has one."""
+        groups: dict = {}
+        for c, r in zip(constraints, rows):
+            batch = getattr(type(c.masker), "fill_masks", None)
+            if batch is None:
+                c.masker.allowed_mask(out[r])
+            else:
+                groups.setdefault(batch, ([], []))
+                groups[batch][0].append(c.masker)
+                groups[batch][1].append(r)
+        for batch, (ms, rs) in groups.items():
+            batch(ms, out, rs)
+
+    @classmethod
+    def advance_all(cls, constraints: list["AllOf"], tokens: list[int]) -> list[str | None]:
+        """Many requests at once: the maskers through their batched advance where they have
+        one, the watchers one by one; an error message per request."""
+        errors: list[str | None] = [None] * len(constraints)
+        groups: dict = {}
+        for i, (c, t) in enumerate(zip(constraints, tokens)):
+            for p in c.parts:
+                batch = getattr(type(p), "advance_all", None) if p is c.masker else None
+                if batch is not None:
+                    groups.setdefault(batch, []).append((i, p, t))
+                    continue
+                try:
+                    p.advance(t)
+                except Exception as e:  # noqa: BLE001 - one request's error
+                    errors[i] = errors[i] or f"{type(e).__name__}: {e}"
+        for batch, items in groups.items():
+            for (i, _, _), err in zip(items, batch([p for _, p, _ in items], [t for _, _, t in items])):
+                errors[i] = errors[i] or err
+        return errors

@@ -172,3 +172,19 @@ def test_chat_messages_column_and_penalties(setup, tmp_path):
                                                     codec.eos_token_id))
     assert t.column("completion_tokens").to_pylist() == [len(o.token_ids) for o in direct]
     assert [o.token_ids for o in direct] != [o.token_ids for o in plain]  # the penalties reached the engine
+
+
+def test_json_schema_with_a_stop_string(setup, tmp_path):
+    """A stop string inside the JSON ends the row there (the text is cut, the value is then not
+    complete JSON: a row error); rows without it close as usual."""
+    free, _ = _run(setup, tmp_path / "free", EnrichConfig(json_schema=json.dumps(SCHEMA)))
+    texts = free.column("generated_text").to_pylist()
+    stop = '"urgent":true'
+    assert any(stop in x for x in texts) and not all(stop in x for x in texts)
+    t, _ = _run(setup, tmp_path / "stop", EnrichConfig(json_schema=json.dumps(SCHEMA), stop=(stop,)))
+    for before, row in zip(texts, t.to_pylist()):
+        if stop in before:
+            assert row["generated_text"] == before[:before.index(stop)] and row["finish_reason"] == "stop"
+            assert row["structured"] is None and "not valid JSON" in row["error"]
+        else:
+            assert row["generated_text"] == before and row["error"] is None
