@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from hymba_batch.pipeline.classify import DEFAULT_CLASSIFY
 from hymba_batch.pipeline.commit import JobOutput, fingerprint
+from hymba_batch.pipeline.enrich import EnrichConfig
 from hymba_batch.pipeline.fs import write_json
 from hymba_batch.pipeline.incremental import RunState, Selection, check_run_id, new_run_id
 from hymba_batch.pipeline.lease import Lease
@@ -33,7 +35,7 @@ from hymba_batch.pipeline.shards import (InputFile, WorkUnit, check_schema, list
 from hymba_batch.pipeline.unit import OutputConfig, SamplingConfig, UnitResult
 from hymba_batch.pipeline.writer import RESERVED_COLUMNS
 
-from .spec import JobSpec
+from .spec import JobSpec, SpecError, check_json_schema
 
 if TYPE_CHECKING:
     from hymba_batch.workers.actor import ActorConfig
@@ -96,6 +98,30 @@ def _model_identity(path: str) -> dict[str, Any]:
     return ident
 
 
+def enrich_config(spec: JobSpec) -> EnrichConfig:
+    """The job's enrichment extras; a schema file is read here (SpecError naming it when it
+    cannot be read, mapped to a column type or compiled)."""
+    from hymba_batch.pipeline.structured import SchemaError, load_json_schema
+
+    t = spec.task
+    schema = t.json_schema
+    if t.json_schema_file:
+        try:
+            schema = load_json_schema(t.json_schema_file)
+            check_json_schema(schema, f"task.json_schema_file ({t.json_schema_file})")
+        except (SchemaError, ValueError) as e:
+            raise SpecError(str(e)) from None
+    return EnrichConfig(kind=t.kind, labels=tuple(t.labels or ()), stop=tuple(t.stop or ()), logprobs=t.logprobs,
+                        json_schema=json.dumps(schema) if schema is not None else None)  # key order = column order
+
+
+def _prompt_text(spec: JobSpec) -> str | None:
+    t = spec.task
+    if t.kind == "classify" and not t.prompt:
+        return DEFAULT_CLASSIFY.format(labels=", ".join(t.labels or []))
+    return t.prompt
+
+
 def fingerprint_parts(spec: JobSpec, files: list[InputFile] | None) -> dict[str, Any]:
     """The job's identity: model, prompt, sampling, output shape, and the input snapshot
     (``files``), or for an incremental job (``files=None``) only the input's URI and unit size."""
@@ -113,7 +139,22 @@ def fingerprint_parts(spec: JobSpec, files: list[InputFile] | None) -> dict[str,
         "sampling": t.model_dump(include={"max_new_tokens", "temperature", "top_p", "top_k", "seed"}),
         "input": inp,
         "output": spec.output.model_dump(include={"format", "mode"}),
+        **_enrich_parts(spec),
     }
+
+
+def _enrich_parts(spec: JobSpec) -> dict[str, Any]:
+    """The fingerprint of the enrichment options, only when a job uses them (older jobs keep theirs)."""
+    t = spec.task
+    defaults = {"min_new_tokens": 0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    used = {k: getattr(t, k) for k, v in defaults.items() if getattr(t, k) != v}
+    e = enrich_config(spec)
+    if e.active:
+        used |= {"kind": e.kind, "labels": list(e.labels), "json_schema": e.json_schema, "stop": list(e.stop),
+                 "logprobs": e.logprobs}
+    if spec.input.messages_column:
+        used["messages_column"] = spec.input.messages_column
+    return {"enrich": used} if used else {}
 
 
 def plan_job(spec: JobSpec, files: list[InputFile] | None = None, incremental: bool = False) -> Plan:
@@ -124,8 +165,13 @@ def plan_job(spec: JobSpec, files: list[InputFile] | None = None, incremental: b
     required = set(template_variables(t.template)) if t.kind == "template" and t.template else set()
     if spec.input.id_column:
         required.add(spec.input.id_column)
+    text_column = spec.input.text_column
+    if spec.input.messages_column:
+        required.add(spec.input.messages_column)
+        text_column = None
+    reserved = set(RESERVED_COLUMNS) | set(enrich_config(spec).column_names())
     for f, m in zip(files, metas):
-        check_schema(f, m, spec.input.text_column, required, set(RESERVED_COLUMNS))
+        check_schema(f, m, text_column, required, reserved)
     units = plan_units(files, metas, spec.input.rows_per_unit)
     parts = fingerprint_parts(spec, None if incremental else files)
     return Plan(files, units, fingerprint(parts), parts)
@@ -142,12 +188,17 @@ def actor_config(spec: JobSpec, device: str, actors_per_gpu: int) -> ActorConfig
         cache_budget_bytes=spec.model.cache_budget_mb << 20 if spec.model.cache_budget_mb else None,
         max_num_seqs=spec.model.max_num_seqs, max_batch_tokens=spec.model.max_batch_tokens,
         cpu_threads=max(1, int(spec.resources.cpus_per_actor)) if device == "cpu" else None,
-        prompt=PromptConfig(kind=t.kind, text_column=spec.input.text_column, prompt=t.prompt, template=t.template,
-                            system=t.system, chat=t.chat, max_input_tokens=t.max_input_tokens, truncation=t.truncation),
+        prompt=PromptConfig(kind=t.kind, text_column=None if spec.input.messages_column else spec.input.text_column,
+                            prompt=_prompt_text(spec), template=t.template, system=t.system, chat=t.chat,
+                            max_input_tokens=t.max_input_tokens, truncation=t.truncation,
+                            messages_column=spec.input.messages_column),
         output=OutputConfig(uri=spec.output.uri, format=spec.output.format, mode=spec.output.mode,
                             id_column=spec.input.id_column),
         sampling=SamplingConfig(max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p,
-                                top_k=t.top_k, seed=t.seed),
+                                top_k=t.top_k, seed=t.seed, min_new_tokens=t.min_new_tokens,
+                                repetition_penalty=t.repetition_penalty, presence_penalty=t.presence_penalty,
+                                frequency_penalty=t.frequency_penalty),
+        enrich=enrich_config(spec),
     )
 
 

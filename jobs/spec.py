@@ -19,7 +19,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hymba_batch.pipeline.fs import check_uri
+from hymba_batch.pipeline.classify import check_labels
 from hymba_batch.pipeline.prompts import compile_template
+
+
+def check_json_schema(schema: dict[str, Any], where: str) -> None:
+    """ValueError naming the place in ``schema`` that cannot become a column type or a grammar."""
+    from hymba_batch.pipeline.grammar import json_grammar
+    from hymba_batch.pipeline.structured import arrow_type
+
+    arrow_type(schema, where)
+    json_grammar(schema, where)
 
 
 class SpecError(ValueError):
@@ -54,6 +64,9 @@ class InputSpec(_Strict):
                                                         "(optional for task.kind=template).")
     id_column: str | None = Field(None, description="Column identifying a row; kept in results mode and used "
                                                     "for per-row sampling seeds.")
+    messages_column: str | None = Field(None, description="Column holding each row's chat as a list of "
+                                                          "{role, content} structs, rendered with the checkpoint's "
+                                                          "chat template; replaces input.text_column (needs task.chat).")
     rows_per_unit: int = Field(4096, ge=1, description="Target rows per work unit (whole row groups are packed "
                                                        "up to this; larger row groups are split).")
 
@@ -64,9 +77,10 @@ class InputSpec(_Strict):
 
 
 class TaskSpec(_Strict):
-    kind: Literal["summarize", "generate", "template"] = Field(
+    kind: Literal["summarize", "generate", "template", "classify"] = Field(
         "summarize", description="summarize: instruction + text; generate: the text is the prompt; "
-                                 "template: task.template rendered over the row's columns.")
+                                 "template: task.template rendered over the row's columns; classify: score "
+                                 "task.labels as continuations of instruction + text (columns label, label_probs).")
     prompt: str | None = Field(None, description="Instruction placed before the text (summarize: a default "
                                                  "summarization instruction when unset).")
     template: str | None = Field(None, description="Jinja2 template over row columns (sandboxed; undefined "
@@ -84,6 +98,45 @@ class TaskSpec(_Strict):
     truncation: Literal["head", "middle", "tail", "error"] = Field(
         "middle", description="For a too-long prompt: drop tokens of the text from its head, middle or tail "
                               "(row marked truncated), or make it a row error.")
+    labels: list[str] | None = Field(None, description="kind=classify: the labels (2 to 1,000 distinct strings); "
+                                                        "each row gets `label` (the most likely) and `label_probs` "
+                                                        "(one float64 per label, summing to 1).")
+    json_schema: dict[str, Any] | None = Field(None, description="A JSON schema the output must follow (decoding is "
+                                                                  "constrained; compact JSON). generated_text holds the "
+                                                                  "JSON text and `structured` the value as a typed column.")
+    json_schema_file: str | None = Field(None, description="The JSON schema in a file instead (a local path or s3:// "
+                                                           "URI, read when the job is planned).")
+    stop: list[str] | None = Field(None, max_length=8, description="Up to 8 stop strings: generation ends at the "
+                                                                   "first occurrence (across token boundaries), the text "
+                                                                   "is cut before it, finish_reason is stop.")
+    logprobs: bool = Field(False, description="Add `token_logprobs` (each generated token's log-probability under "
+                                              "the model) and `logprob` (their sum).")
+    min_new_tokens: int = Field(0, ge=0, description="EOS is not allowed before this many tokens are generated.")
+    repetition_penalty: float = Field(1.0, gt=0, le=10, description="Divides (multiplies, when negative) the logits "
+                                                                     "of tokens already in the prompt or output; 1 = off.")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted once from the logit of every token "
+                                                                  "already generated (OpenAI's); 0 = off.")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Subtracted from a token's logit per time it was "
+                                                                   "generated (OpenAI's); 0 = off.")
+
+    @field_validator("json_schema")
+    @classmethod
+    def _check_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            check_json_schema(v, "task.json_schema")
+        return v
+
+    @field_validator("json_schema_file")
+    @classmethod
+    def _check_schema_file(cls, v: str | None) -> str | None:
+        return check_uri(v) if v is not None else v
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(not x for x in v):
+            raise ValueError("stop strings must be non-empty")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "TaskSpec":
@@ -93,6 +146,19 @@ class TaskSpec(_Strict):
             compile_template(self.template)
         elif self.template:
             raise ValueError(f"task.template is only used with task.kind 'template' (kind is {self.kind!r})")
+        if self.kind == "classify":
+            check_labels(self.labels or [])
+            used = [f for f in ("json_schema", "json_schema_file", "stop", "logprobs") if getattr(self, f)]
+            if used:
+                raise ValueError(f"task.{used[0]} is not used with task.kind 'classify'")
+        elif self.labels:
+            raise ValueError(f"task.labels is only used with task.kind 'classify' (kind is {self.kind!r})")
+        if self.json_schema is not None and self.json_schema_file is not None:
+            raise ValueError("task.json_schema and task.json_schema_file: give one, not both")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("task.min_new_tokens must not exceed task.max_new_tokens")
+        if self.min_new_tokens and (self.json_schema is not None or self.json_schema_file):
+            raise ValueError("task.min_new_tokens is not used with a JSON schema (the schema decides where the value ends)")
         return self
 
 
@@ -172,7 +238,12 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "JobSpec":
-        if self.task.kind != "template" and not self.input.text_column:
+        if self.input.messages_column:
+            if self.task.kind == "template":
+                raise ValueError("input.messages_column is not used with task.kind 'template'")
+            if not self.task.chat:
+                raise ValueError("input.messages_column needs task.chat: true (the chat template renders it)")
+        elif self.task.kind != "template" and not self.input.text_column:
             raise ValueError(f"input.text_column is required when task.kind is {self.task.kind!r}")
         return self
 

@@ -1,4 +1,6 @@
-"""Token sampling on the device, without host syncs: greedy, temperature, top-k, top-p.
+"""Token sampling on the device, without host syncs: greedy, temperature, top-k, top-p; and
+the per-request logits transforms applied before it (repetition / presence / frequency penalties,
+a token bitmask from a decoding constraint) and the sampled tokens' log-probabilities.
 
 Randomness is a counter-based hash of (request seed, token index, vocab id), so a request's
 samples do not depend on which batch, step or process it ran in (Gumbel-max trick).
@@ -55,3 +57,39 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, V)))
     sampled = (scaled + gumbel).argmax(-1)
     return torch.where(temperature > 0, sampled, greedy)
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, repetition: torch.Tensor,
+                    presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] fp32; counts [B, V] (each token's occurrences in the output so far), seen
+    [B, V] bool (in the prompt or the output); per-row repetition / presence / frequency [B].
+    Repetition (CTRL, as Hugging Face): a seen token's logit is divided by the penalty when
+    positive, multiplied when negative. Presence / frequency (OpenAI): minus presence once, minus
+    frequency x count, for tokens of the output. Returns new logits."""
+    rp = repetition[:, None]
+    out = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
+    return out - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
+
+
+_BYTE_BITS = None
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int32 [B, ceil(V/32)] (bit t % 32 of word t // 32 = token t) -> bool [B, V] allowed."""
+    global _BYTE_BITS
+    if _BYTE_BITS is None or _BYTE_BITS.device != bitmask.device:
+        _BYTE_BITS = (1 << torch.arange(8, dtype=torch.int32, device=bitmask.device)).to(torch.uint8)
+    as_bytes = bitmask.contiguous().view(torch.uint8)  # little-endian: byte j of a word = bits 8j..8j+7
+    bits = (as_bytes[:, :, None] & _BYTE_BITS) != 0
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab]
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits [B, V]; bitmask int32 [B, ceil(V/32)] on the same device: disallowed tokens get
+    -inf. Returns new logits."""
+    return logits.masked_fill(~unpack_bitmask(bitmask, logits.shape[-1]), float("-inf"))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under softmax(logits) per row: logits [B, V], tokens [B] -> fp32 [B]."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None].long())[:, 0]

@@ -6,7 +6,10 @@ row's columns, rendered in an immutable sandbox with undefined variables as erro
 ``chat`` the message goes through the checkpoint's chat template. A prompt longer than the limit
 (the job's ``max_input_tokens`` and the engine's own maximum) loses tokens of its text from the
 head, the middle or the tail and is marked ``truncated``, or becomes a row error with policy
-``error``. Null, empty or whitespace-only text is a row error. Knows nothing of models or files.
+``error``. Null, empty or whitespace-only text is a row error. ``classify`` builds its prompt as
+``generate`` does. With ``messages_column`` a row's prompt is its list of ``{role, content}``
+messages through the chat template (too long is a row error: there is no text to cut). Knows
+nothing of models or files.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class PromptConfig:
     chat: bool = True
     max_input_tokens: int | None = None
     truncation: str = "middle"  # head | middle | tail | error
+    messages_column: str | None = None  # a list<struct<role, content>> column: the chat itself
 
 
 @dataclass
@@ -71,7 +75,7 @@ class PromptBuilder:
             raise ValueError(f"task.truncation: {cfg.truncation!r} is not head, middle, tail or error")
         if cfg.kind == "template" and not cfg.template:
             raise ValueError("task.template: required when task.kind is 'template'")
-        if cfg.kind != "template" and not cfg.text_column:
+        if cfg.kind != "template" and not cfg.text_column and not cfg.messages_column:
             raise ValueError(f"input.text_column: required when task.kind is {cfg.kind!r}")
         self.cfg, self.codec = cfg, codec
         self.limit = min(engine_limit, cfg.max_input_tokens or engine_limit)
@@ -82,7 +86,7 @@ class PromptBuilder:
         c = self.cfg
         if c.kind == "summarize":
             return f"{c.prompt or DEFAULT_SUMMARIZE}\n\n{body}"
-        if c.kind == "generate":
+        if c.kind in ("generate", "classify"):
             return f"{c.prompt}\n\n{body}" if c.prompt else str(body)
         assert self.template is not None
         if c.text_column is None:  # the whole rendered message is the truncatable body
@@ -116,6 +120,10 @@ class PromptBuilder:
         texts, where = [], []
         for i, row in enumerate(rows):
             try:
+                if self.cfg.messages_column:
+                    texts.append(self.codec.chat_messages(_messages(row, self.cfg.messages_column), self.cfg.system))
+                    where.append(i)
+                    continue
                 bodies[i] = self._body(row)
                 texts.append(self._full_text(self._message(row, bodies[i])))
                 where.append(i)
@@ -124,6 +132,8 @@ class PromptBuilder:
         for i, ids in zip(where, self.codec.encode_prompts(texts, self.cfg.chat)):
             if len(ids) <= self.limit:
                 out[i] = Prompt(list(ids))
+            elif self.cfg.messages_column:
+                out[i] = Prompt(None, error=f"the messages are {len(ids)} tokens, over the limit of {self.limit}")
             else:
                 out[i] = self._fit(rows[i], bodies[i] or "", len(ids))
         return [p if p is not None else Prompt(None, error="internal: no prompt built") for p in out]
@@ -160,6 +170,19 @@ class PromptBuilder:
             return dec(ids[:keep])
         head = (keep + 1) // 2
         return dec(ids[:head]) + MIDDLE_MARK + dec(ids[len(ids) - (keep - head):]) if keep > 1 else dec(ids[:1])
+
+
+def _messages(row: dict[str, Any], column: str) -> list[dict[str, str]]:
+    """A row's chat messages, checked: a non-empty list of {role, content} strings."""
+    value = row.get(column)
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"messages are not a non-empty list (column {column!r})")
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {j} is not a {{role, content}} pair of strings (column {column!r})")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
 
 
 def _row_error(e: Exception) -> str:

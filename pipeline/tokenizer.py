@@ -37,6 +37,13 @@ class Codec:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def chat_messages(self, messages: list[dict[str, str]], system: str | None = None) -> str:
+        """The prompt string of a whole chat (``{role, content}`` messages; ``system`` first when
+        given and the chat has no system message), ending with the assistant's turn opener."""
+        if system and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": system}] + messages
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     def encode_prompts(self, texts: list[str], chat: bool) -> list[list[int]]:
         """Token ids of whole prompts: BOS added for plain prompts, none for chat prompts."""
         if not texts:

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from .enrich import EnrichConfig, Enricher
 from .fs import exists, resolve
 from .prompts import PromptBuilder, PromptConfig, row_seed
 from .reader import read_unit, text_values
@@ -40,6 +41,10 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    min_new_tokens: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 @dataclass
@@ -50,9 +55,11 @@ class Generation:
     finish_reason: str
     prompt_tokens: int
     error: str | None = None
+    logprobs: list[float] | None = None  # per token, when asked for (enrich.RequestOptions)
+    scores: list[float] | None = None    # classify: each label's log-likelihood
 
 
-# prompts, per-row seeds -> one Generation per prompt, in order
+# prompts, per-row seeds[, per-request enrich.RequestOptions] -> one Generation per prompt, in order
 GenerateFn = Callable[[list[list[int]], list[int]], list[Generation]]
 
 
@@ -88,8 +95,11 @@ class UnitRunner:
     def __init__(self, prompt_cfg: PromptConfig, output: OutputConfig, sampling: SamplingConfig,
                  codec: Codec, engine_limit: int, generate: GenerateFn,
                  before_write: Callable[[WorkUnit], None] | None = None,
-                 generate_stats: Callable[[], dict[str, float]] | None = None) -> None:
+                 generate_stats: Callable[[], dict[str, float]] | None = None,
+                 enrich: EnrichConfig | None = None, vocab_size: int | None = None) -> None:
         self.prompts = PromptBuilder(prompt_cfg, codec, engine_limit)
+        self.enricher = (Enricher(enrich, codec, vocab_size or len(codec.tok), sampling.max_new_tokens,
+                                  chat=prompt_cfg.chat) if enrich is not None and enrich.active else None)
         self.prompt_cfg, self.output, self.sampling = prompt_cfg, output, sampling
         self.codec, self.generate, self.before_write = codec, generate, before_write
         self.generate_stats = generate_stats  # engine counters after a generate call (into timings)
@@ -124,7 +134,13 @@ class UnitRunner:
         seeds = [row_seed(self.sampling.seed, unit.file.uri, unit.row_start + i,
                           rows[i].get(id_col) if id_col else None) for i in todo]
         t2 = time.perf_counter()
-        gens = self.generate([prompts[i].token_ids for i in todo], seeds) if todo else []  # type: ignore[misc]
+        todo_prompts: list[list[int]] = [prompts[i].token_ids for i in todo]  # type: ignore[misc]
+        if not todo:
+            gens = []
+        elif self.enricher is not None:
+            gens = self.enricher.run(self.generate, todo_prompts, seeds)  # type: ignore[arg-type]
+        else:
+            gens = self.generate(todo_prompts, seeds)
         if len(gens) != len(todo):
             raise RuntimeError(f"generate returned {len(gens)} outputs for {len(todo)} prompts")
         t3 = time.perf_counter()
@@ -137,6 +153,7 @@ class UnitRunner:
             else:
                 r.generated_text = self.codec.decode(g.token_ids)
                 r.finish_reason, r.completion_tokens, r.error = g.finish_reason, len(g.token_ids), None
+        extra = self.enricher.finish(results, todo, gens) if self.enricher is not None else None
         res = UnitResult(
             unit.unit_id, rows=len(results),
             error_rows=sum(r.error is not None for r in results),
@@ -145,7 +162,7 @@ class UnitRunner:
             completion_tokens=sum(r.completion_tokens for r in results),
             worker=dict(worker or {}),
         )
-        out = output_table(table, results, unit, self.output.mode, id_col)
+        out = output_table(table, results, unit, self.output.mode, id_col, extra)
         t4 = time.perf_counter()
         res.timings = {"read_s": t1 - t0, "prompt_s": t2 - t1, "generate_s": t3 - t2,
                        "build_s": t4 - t3}

@@ -66,8 +66,9 @@ def unit_id_of(name: str) -> str | None:
 
 
 def output_table(inputs: pa.Table, results: list[RowResult], unit: WorkUnit, mode: str,
-                 id_column: str | None) -> pa.Table:
-    """The unit's output rows: identity or input columns, then the generated columns."""
+                 id_column: str | None, extra: dict[str, pa.Array] | None = None) -> pa.Table:
+    """The unit's output rows: identity or input columns, then the generated columns, then the
+    ``extra`` columns of the job's enrichment (pipeline/enrich.py: structured, label, ...)."""
     if len(results) != inputs.num_rows:
         raise ValueError(f"{len(results)} results for {inputs.num_rows} rows of unit {unit.unit_id}")
     if mode == "enrich":
@@ -89,10 +90,13 @@ def output_table(inputs: pa.Table, results: list[RowResult], unit: WorkUnit, mod
     }
     arrays = [pa.array(cols[f.name], type=f.type) for f in OUTPUT_SCHEMA]
     if base.num_columns == 0:
-        return pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
-    out = base
-    for f, a in zip(OUTPUT_SCHEMA, arrays):
-        out = out.append_column(f, a)
+        out = pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
+    else:
+        out = base
+        for f, a in zip(OUTPUT_SCHEMA, arrays):
+            out = out.append_column(f, a)
+    for name, a in (extra or {}).items():
+        out = out.append_column(pa.field(name, a.type), a)
     return out
 
 

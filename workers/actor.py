@@ -23,6 +23,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from hymba_batch.pipeline.enrich import EnrichConfig, RequestOptions
 from hymba_batch.pipeline.prompts import PromptConfig
 from hymba_batch.pipeline.shards import WorkUnit
 from hymba_batch.pipeline.tokenizer import load_codec
@@ -50,6 +51,34 @@ class ActorConfig:
     max_num_seqs: int | None = None
     max_batch_tokens: int | None = None
     cpu_threads: int | None = None
+    enrich: EnrichConfig | None = None  # JSON schema, classify labels, stop strings, logprobs
+
+
+def request_params(s: SamplingConfig, seeds: list[int], options: list[RequestOptions] | None,
+                   eos: int) -> list:
+    """The engine's SamplingParams of each request: the job's sampling settings, a row seed, and
+    the request's enrichment options (a scoring request is greedy, without penalties)."""
+    from hymba_batch.model.engine.api import SamplingParams
+
+    opts = options if options is not None else [RequestOptions()] * len(seeds)
+    out = []
+    for seed, o in zip(seeds, opts, strict=True):
+        plain = o.score_only
+        out.append(SamplingParams(
+            max_new_tokens=o.max_new_tokens or s.max_new_tokens, temperature=0.0 if plain else s.temperature,
+            top_p=s.top_p, top_k=s.top_k, seed=seed, stop_token_ids=(eos,),
+            min_new_tokens=0 if plain else s.min_new_tokens,
+            repetition_penalty=1.0 if plain else s.repetition_penalty,
+            presence_penalty=0.0 if plain else s.presence_penalty,
+            frequency_penalty=0.0 if plain else s.frequency_penalty,
+            logprobs=o.logprobs, constraint=o.constraint))
+    return out
+
+
+def generations(outs: list) -> list[Generation]:
+    """The engine's RequestOutputs as the pipeline's plain Generations."""
+    return [Generation(list(o.token_ids), o.finish_reason or "error", o.prompt_tokens, o.error,
+                       logprobs=o.logprobs) for o in outs]
 
 
 def _crash_hook(unit: WorkUnit) -> None:
@@ -99,11 +128,9 @@ class InferenceActor:
         from hymba_batch.model import load_model
         from hymba_batch.model.engine import Engine, EngineConfig
         from hymba_batch.model.engine.threaded import ThreadedEngine
-        from hymba_batch.model.engine.api import SamplingParams
         from hymba_batch.model.loader import resolve_checkpoint
 
         self.cfg = cfg
-        self._SamplingParams = SamplingParams
         if cfg.cpu_threads:
             torch.set_num_threads(cfg.cpu_threads)
         cuda = torch.cuda.is_available()
@@ -136,18 +163,17 @@ class InferenceActor:
         self.device, self.dtype = device, dtype_name
         self.runner = UnitRunner(cfg.prompt, cfg.output, cfg.sampling, self.codec,
                                  prompt_limit, self._generate, before_write=_crash_hook,
-                                 generate_stats=self._generate_stats)
+                                 generate_stats=self._generate_stats, enrich=cfg.enrich,
+                                 vocab_size=self.model.config.vocab_size)
         import ray
 
         ctx = ray.get_runtime_context()
         self.identity = {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id() or "",
                          "pid": str(os.getpid()), "device": device}
 
-    def _generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Generation]:
-        s = self.cfg.sampling
-        params = [self._SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                       top_p=s.top_p, top_k=s.top_k, seed=seed,
-                                       stop_token_ids=(self.codec.eos_token_id,)) for seed in seeds]
+    def _generate(self, prompts: list[list[int]], seeds: list[int],
+                  options: list[RequestOptions] | None = None) -> list[Generation]:
+        params = request_params(self.cfg.sampling, seeds, options, self.codec.eos_token_id)
         try:
             outs = self.frontend.generate(prompts, params)
         except Exception as e:
@@ -158,7 +184,7 @@ class InferenceActor:
                       file=sys.stderr, flush=True)
                 os._exit(ENGINE_FAILED_EXIT)
             raise
-        return [Generation(list(o.token_ids), o.finish_reason or "error", o.prompt_tokens, o.error) for o in outs]
+        return generations(outs)
 
     def _generate_stats(self) -> dict[str, float]:
         """Engine counters when a unit's generation ended (cumulative for this engine)."""

@@ -4,7 +4,10 @@ result per request. Plain dataclasses (they cross process boundaries)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .constraints import TokenConstraint
 
 FinishReason = Literal["stop", "length", "error"]
 
@@ -21,6 +24,14 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
+    min_new_tokens: int = 0          # EOS and stop tokens are masked until this many are generated
+    repetition_penalty: float = 1.0  # > 1 discourages tokens seen in the prompt or output (CTRL / HF)
+    presence_penalty: float = 0.0    # subtracted once from tokens already generated (OpenAI)
+    frequency_penalty: float = 0.0   # subtracted per occurrence in the output so far (OpenAI)
+    logprobs: bool = False           # return each sampled token's log-probability (the model's own)
+    # Per-request decoding constraint (constraints.py): a fresh object per request, it holds that
+    # request's state. Not compared, not part of the params' identity.
+    constraint: "TokenConstraint | None" = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -31,6 +42,18 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any repetition / presence / frequency penalty applies."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass
@@ -42,6 +65,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None  # None while running
     prompt_tokens: int = 0
     error: str | None = None
+    logprobs: list[float] | None = None  # per generated token, when SamplingParams.logprobs
 
     @property
     def completion_tokens(self) -> int:

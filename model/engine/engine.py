@@ -22,6 +22,8 @@ from ..hymba import HymbaForCausalLM
 from ..sampling import sample
 from .api import RequestOutput, SamplingParams
 from .cache import KVCache, plan_cache
+from .constraints import advance_rows
+from .logits import LogitsProcessor
 from .runner import ModelRunner
 from .scheduler import DecodeBatch, Scheduler, Sequence
 
@@ -58,6 +60,7 @@ class Engine:
         self.cache = KVCache(model, shape)
         self.runner = ModelRunner(model, self.cache, config.cuda_graphs)
         self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_chunk_tokens)
+        self.logits_processor = LogitsProcessor(cfg.vocab_size, self.eos, model.device)
         self._ids = itertools.count()
         self._done: list[RequestOutput] = []  # finished outside a step (rejected requests)
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "prefill_s": 0.0, "decode_s": 0.0}
@@ -145,7 +148,8 @@ class Engine:
     def _sample_and_update(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         dev = logits.device
         p = [s.params for s in seqs]
-        new = sample(
+        raw, logits = logits, self.logits_processor.process(seqs, logits)
+        new_dev = sample(
             logits,
             torch.tensor([x.temperature for x in p], device=dev),
             torch.tensor([x.top_p for x in p], device=dev),
@@ -153,18 +157,41 @@ class Engine:
             torch.tensor([s.seed for s in seqs], dtype=torch.long, device=dev),
             torch.tensor([len(s.output) for s in seqs], dtype=torch.long, device=dev),
             all_greedy=all(x.temperature == 0 for x in p),
-        ).tolist()
+        )
+        self.logits_processor.record(new_dev)
+        lp = self.logits_processor.logprobs(seqs, raw, new_dev)
+        if lp is None:
+            new, lps = new_dev.tolist(), None
+        else:  # one transfer for both (ids < 2^53 are exact in float64)
+            both = torch.cat([new_dev.double(), lp.double()]).tolist()
+            new, lps = [int(t) for t in both[:len(seqs)]], both[len(seqs):]
+        con = [i for i, s in enumerate(seqs) if s.params.constraint is not None]
+        errors: dict[int, str | None] = {}
+        if con:
+            t0 = time.perf_counter()
+            errs = advance_rows([seqs[i].params.constraint for i in con], [new[i] for i in con])
+            errors = dict(zip(con, errs))
+            self.logits_processor.stats["constraint_advance_s"] += time.perf_counter() - t0
         out = []
-        for s, t in zip(seqs, new):
+        for i, (s, t) in enumerate(zip(seqs, new)):
             s.output.append(t)
-            reason = None
-            if not s.params.ignore_eos and (t == self.eos or t in s.params.stop_token_ids):
+            if lps is not None and s.params.logprobs:
+                s.logprobs.append(lps[i])
+            c = s.params.constraint
+            reason, error = None, errors.get(i)
+            if error is not None:
+                reason, error = "error", f"decoding constraint: {error}"
+            elif not s.params.ignore_eos and (t == self.eos or t in s.params.stop_token_ids):
+                reason = "stop"
+            elif c is not None and len(s.output) >= s.params.min_new_tokens and c.is_done():
                 reason = "stop"
             elif len(s.output) >= s.params.max_new_tokens or s.num_tokens >= self.max_context:
                 reason = "length"
             if reason:
                 self.scheduler.finish(s)
-                out.append(RequestOutput(s.request_id, s.output, reason, len(s.prompt)))
+                self.logits_processor.release(s.request_id)
+                out.append(RequestOutput(s.request_id, s.output, reason, len(s.prompt), error,
+                                         logprobs=s.logprobs if s.params.logprobs else None))
         return out
 
     # ---- blocking and offline modes -------------------------------------------------------

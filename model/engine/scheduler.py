@@ -38,6 +38,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     slot: int | None = None
     num_cached: int = 0  # tokens of prompt + output already in the cache
+    logprobs: list[float] = field(default_factory=list)  # per output token, when params.logprobs
 
     @property
     def tokens(self) -> list[int]:
