@@ -130,7 +130,7 @@ def plan_job(spec: JobSpec, files: list[InputFile] | None = None, incremental: b
     return Plan(files, units, fingerprint(parts), parts)
 
 
-def actor_config(spec: JobSpec, device: str, actors_per_gpu: int) -> ActorConfig:
+def actor_config(spec: JobSpec, device: str, actors_per_gpu: int, job_id: str = "") -> ActorConfig:
     """The plain config every actor of this job is built from."""
     from hymba_batch.workers.actor import ActorConfig
 
@@ -147,6 +147,7 @@ def actor_config(spec: JobSpec, device: str, actors_per_gpu: int) -> ActorConfig
                             id_column=spec.input.id_column),
         sampling=SamplingConfig(max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p,
                                 top_k=t.top_k, seed=t.seed),
+        job_id=job_id,
     )
 
 
@@ -323,9 +324,10 @@ def _execute(spec: JobSpec, plan: Plan, out: JobOutput, status: _Status, t0: flo
             import ray
 
             device, n, gpu_share, k = _placement(spec, ray.cluster_resources().get("GPU", 0))
-            pool = ActorPool(actor_config(spec, device, k), PoolConfig(
+            pool = ActorPool(actor_config(spec, device, k, status.job_id), PoolConfig(
                 num_actors=n, num_gpus_per_actor=gpu_share, num_cpus_per_actor=spec.resources.cpus_per_actor,
-                max_in_flight=spec.resources.max_in_flight, max_attempts=spec.resources.max_attempts))
+                max_in_flight=spec.resources.max_in_flight, max_attempts=spec.resources.max_attempts,
+                job_id=status.job_id))
             summary.actors = pool.start()
 
             def on_done(res: UnitResult) -> None:
