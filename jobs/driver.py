@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from hymba_batch.pipeline.commit import JobOutput, fingerprint
-from hymba_batch.pipeline.fs import write_json
+from hymba_batch.pipeline.commit import META_DIR, JobOutput, fingerprint
+from hymba_batch.pipeline.fs import read_json, write_json
+from hymba_batch.pipeline.history import HISTORY_FILE, History, totals
 from hymba_batch.pipeline.incremental import RunState, Selection, check_run_id, new_run_id
 from hymba_batch.pipeline.lease import Lease
 from hymba_batch.pipeline.prompts import PromptConfig, template_variables
@@ -191,7 +192,8 @@ def _ensure_ray(spec: JobSpec) -> None:
 
 class _Status:
     """Aggregates unit results into the status document and writes it (at most every 0.2 s;
-    an incremental run's forced writes also go to ``_hymba/runs/<run_id>/status.json``)."""
+    an incremental run's forced writes also go to ``_hymba/runs/<run_id>/status.json``), and
+    keeps the run's bounded history (``_hymba/history.json``, a point every 10 s at most)."""
 
     def __init__(self, out: JobOutput, job_id: str, spec: JobSpec, plan: Plan, done: dict[str, UnitResult],
                  extra: dict[str, Any] | None = None, run_path: str | None = None):
@@ -200,9 +202,17 @@ class _Status:
         self.failed: list[dict[str, Any]] = []
         self.started = time.time()
         self.resumed_rows = sum(r.rows for r in done.values())
+        self.resumed_units = len(done)
         self.error: str | None = None
         self.last_write = 0.0
         self.extra, self.run_path = extra or {}, run_path
+        self.workers = 0  # actors running units, once the pool has started (the tail: fewer units left)
+        self.history_path = out.loc.join(META_DIR, HISTORY_FILE)
+        try:
+            previous = read_json(out.loc, self.history_path)
+        except (OSError, ValueError):
+            previous = None  # an unreadable history is only lost history
+        self.history = History(job_id, self.extra.get("run_id"), previous, started_at=self.started)
 
     @property
     def rows(self) -> int:
@@ -232,12 +242,23 @@ class _Status:
         } | self.extra
 
     def write(self, state: str, force: bool = False) -> None:
+        self.history.run.mark(time.time(), len(self.done) - self.resumed_units,
+                              len(self.plan.units) - len(self.done) - len(self.failed), self.workers)
         if force or time.monotonic() - self.last_write >= 0.2:
             doc = self.document(state)
             self.out.write_status(doc)
             if force and self.run_path:
                 write_json(self.out.loc, self.run_path, doc, self.out.tmp)
             self.last_write = time.monotonic()
+            if force or self.history.run.due(doc["updated_at"]):
+                self._history_point(state, doc["updated_at"], force)
+
+    def _history_point(self, state: str, now: float, force: bool) -> None:
+        self.history.run.add(now, totals(self.done.values()), state)
+        hist = self.history.document()
+        write_json(self.out.loc, self.history_path, hist, self.out.tmp)
+        if force and self.run_path:
+            write_json(self.out.loc, self.run_path.rsplit("/", 1)[0] + "/" + HISTORY_FILE, hist, self.out.tmp)
 
 
 CommitFn = Callable[[], dict[str, Any]]
@@ -329,6 +350,7 @@ def _execute(spec: JobSpec, plan: Plan, out: JobOutput, status: _Status, t0: flo
                 max_in_flight=spec.resources.max_in_flight, max_attempts=spec.resources.max_attempts,
                 job_id=status.job_id))
             summary.actors = pool.start()
+            status.workers = n
 
             def on_done(res: UnitResult) -> None:
                 status.done[res.unit_id] = res

@@ -22,6 +22,10 @@ from typing import Any, Callable
 
 from ray.util.metrics import Counter, Gauge
 
+from hymba_batch.pipeline.history import actor_label
+
+__all__ = ["METRICS", "ActorMetrics", "PoolMetrics", "actor_label", "prometheus_name"]
+
 TAGS = ("job", "actor")
 INTERVAL_ENV = "HYMBA_METRICS_INTERVAL_S"
 RATE_WINDOW_S = 60.0
@@ -72,11 +76,6 @@ def _metric(name: str) -> Any:
 def _inc(name: str, value: float, tags: dict[str, str]) -> None:
     if value > 0:  # Ray's counters refuse 0
         _metric(name).inc(value, tags=tags)
-
-
-def actor_label(actor_id: str) -> str:
-    """The ``actor`` tag of a Ray actor id (hex)."""
-    return (actor_id or "driver")[:12]
 
 
 def interval_s() -> float:
