@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="status of a job: from its output prefix, or a Ray job id with --address")
     s.add_argument("target", metavar="OUTPUT_URI|JOB_ID")
     s.add_argument("--address", default=None, help="Ray job server, e.g. http://127.0.0.1:8265 (or $RAY_ADDRESS)")
+    rp = sub.add_parser("report", help="write a job's report: one HTML page with plots (throughput per actor, "
+                        "lengths, finish reasons, errors, time split)")
+    rp.add_argument("output_uri", metavar="OUTPUT_URI", help="the job's output prefix (local path or s3://)")
+    rp.add_argument("--out", default=None, metavar="PATH",
+                    help="where to write the page (local path or s3://; default OUTPUT_URI/_hymba/report.html)")
     d = sub.add_parser("demo", help="sample data + tiny model + local S3 API + local Ray, end to end")
     d.add_argument("--workdir", default=None, help="folder for the demo's files (default: a new temp folder)")
     d.add_argument("--rows", type=int, default=300)
@@ -154,6 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "schema":
             print(json.dumps(JobSpec.model_json_schema(), indent=2))
+            return 0
+        if args.cmd == "report":
+            from hymba_batch.pipeline.report_data import NoJob
+
+            from .report import write_report
+            try:
+                console.print(f"report: {write_report(args.output_uri, args.out)}", highlight=False, soft_wrap=True)
+            except NoJob as e:
+                err.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
+                return 2
             return 0
         if args.cmd == "demo":
             from .demo import run_demo
