@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="status of a job: from its output prefix, or a Ray job id with --address")
     s.add_argument("target", metavar="OUTPUT_URI|JOB_ID")
     s.add_argument("--address", default=None, help="Ray job server, e.g. http://127.0.0.1:8265 (or $RAY_ADDRESS)")
+    s.add_argument("--json", action="store_true", help="print the raw status document(s) as JSON instead of a table")
     rp = sub.add_parser("report", help="write a job's report: one HTML page with plots (throughput per actor, "
                         "lengths, finish reasons, errors, time split)")
     rp.add_argument("output_uri", metavar="OUTPUT_URI", help="the job's output prefix (local path or s3://)")
@@ -137,7 +138,13 @@ def _ray_commands(args: argparse.Namespace, console: Console) -> int:
             f"  hymba-batch logs {sid} --address ADDRESS --follow", highlight=False, soft_wrap=True))
         return 0
     if args.cmd == "status":
-        print(json.dumps(sj.job_status(args.address, args.target), indent=2, sort_keys=True, default=str))
+        doc = sj.job_status(args.address, args.target)
+        if args.json:
+            print(json.dumps(doc, indent=2, sort_keys=True, default=str))
+            return 0
+        from .status_view import read_history, status_table
+        history = read_history(doc["output_uri"], args.target) if doc.get("output_uri") and doc.get("job") else None
+        console.print(status_table(doc.get("job"), history, ray=doc))
         return 0
     if args.cmd == "logs":
         sj.job_logs(args.address, args.job_id, args.follow, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
@@ -183,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
             if doc is None:
                 err.print(f"{args.target}: no _hymba/status.json (no job has run there)")
                 return 2
-            print(json.dumps(doc, indent=2, sort_keys=True))
+            if args.json:
+                print(json.dumps(doc, indent=2, sort_keys=True))
+                return 0
+            from .status_view import read_history, status_table
+            console.print(status_table(doc, read_history(args.target, doc.get("run_id"))))
             return 0
         if args.cmd in ("submit", "status", "logs", "cancel"):
             return _ray_commands(args, console)
