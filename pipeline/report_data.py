@@ -146,7 +146,7 @@ def load(uri: str) -> ReportData:
     runs = (history or {}).get("runs") or []
     ok = [i for i, m in enumerate(cols["error"]) if m is None]
     return ReportData(
-        output_uri=out.uri, job_id=(manifest or st).get("job_id") or st.get("job_id") or (manifest or {}).get("job", ""),
+        output_uri=out.uri, job_id=st.get("job_id") or (manifest or {}).get("job_id") or (manifest or {}).get("job", "?"),
         state="succeeded" if manifest is not None else st.get("state", "unknown"),
         total_rows=(manifest or {}).get("input_rows", st.get("total_rows", rows.num_rows)),
         committed_rows=rows.num_rows, error_rows=len(cols["error"]) - len(ok),
