@@ -5,11 +5,11 @@ joins one Ray at a time, and the test session's cluster must not be disturbed).
     python metrics_job.py SPEC.json RESULT.json
 
 Ray reports metrics every 200 ms here (``RAY_metrics_report_interval_ms``) and the actors poll
-their engine every 200 ms (``HYMBA_METRICS_INTERVAL_S``). After the job, the endpoint is polled
-until the rows counter reaches the job's committed rows and the driver's counters are there
-(or 30 s pass): a fresh worker's first
-report takes about a second, longer than this whole tiny job. RESULT.json gets the job summary
-and the final scrape (text).
+their engine every 200 ms (``HYMBA_METRICS_INTERVAL_S``). When the first unit commits, the
+driver's progress hook polls the endpoint until the rows counter shows it (the job is still
+running then: the other units wait); after the job, until the counter reaches the job's committed
+rows and the driver's counters are there (each wait at most 30 s). RESULT.json gets the job
+summary and both scrapes (text).
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ def scrape(port: int) -> str:
         return r.read().decode()
 
 
+def rows_of(text: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("ray_hymba_rows_total{"))
+
+
 def main() -> None:
     spec_path, result_path = sys.argv[1], sys.argv[2]
     os.environ.update({"RAY_metrics_report_interval_ms": "200", "HYMBA_METRICS_INTERVAL_S": "0.2",
@@ -51,21 +55,32 @@ def main() -> None:
     temp_dir = tempfile.mkdtemp(prefix="rayo-", dir="/tmp")  # short: Ray's socket paths have a length limit
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=port,
              _temp_dir=temp_dir)
-    t0 = time.monotonic()
-    summary = run_job(spec)
-    t1 = time.monotonic()
-    deadline = time.monotonic() + 30
-    text = scrape(port)
-    while time.monotonic() < deadline:
-        rows = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("ray_hymba_rows_total{"))
-        quarantined = "ray_hymba_units_quarantined_total{" in text or not summary.failed_units
-        if rows >= summary.committed_rows and quarantined:
-            break
-        time.sleep(0.2)  # polling Ray's export until the last report arrives
+    during: dict = {}
+
+    class ScrapeWhileRunning:  # the driver's progress hook: the job is mid-way when it runs
+        def start(self, total_rows: int, done_rows: int) -> None: ...
+        def update(self, done_rows: int, new_tokens: int) -> None:
+            if not during:
+                during["rows"] = done_rows
+                during["metrics"] = wait_for(lambda text: rows_of(text) >= done_rows)
+
+        def stop(self) -> None: ...
+
+    def wait_for(ok) -> str:
+        deadline = time.monotonic() + 30
         text = scrape(port)
+        while not ok(text) and time.monotonic() < deadline:
+            time.sleep(0.2)  # polling Ray's export until the next report arrives
+            text = scrape(port)
+        return text
+
+    t0 = time.monotonic()
+    summary = run_job(spec, reporter=ScrapeWhileRunning())
+    t1 = time.monotonic()
+    text = wait_for(lambda text: rows_of(text) >= summary.committed_rows and
+                    ("ray_hymba_units_quarantined_total{" in text or not summary.failed_units))
     Path(result_path).write_text(json.dumps({"summary": dataclasses.asdict(summary), "metrics": text,
-                                              "port": port, "job_s": t1 - t0, "wait_s": time.monotonic() - t1,
+                                              "port": port, "during": during, "job_s": t1 - t0, "wait_s": time.monotonic() - t1,
                                              "ports": [n["MetricsExportPort"] for n in ray.nodes()]}))
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,7 +1,8 @@
 """Job metrics read back from a real local Ray's Prometheus endpoint (its metrics export port):
 one small job, in a subprocess with a Ray of its own, with a per-row error and a unit that fails
-every try (quarantined); the counters must equal the job's own counts, tagged with its job id
-and its actor, and the engine's gauges and counters must be there."""
+every try (quarantined). Read during the job (when its first unit commits) and after it: the
+counters equal the job's own counts, tagged with its job id and its actor, and the engine's
+gauges and counters are there."""
 
 from __future__ import annotations
 
@@ -75,3 +76,9 @@ def test_job_metrics_reach_rays_prometheus_endpoint(tiny_checkpoint, tmp_path) -
     # the Grafana dashboard's names are these (infra/grafana test); every metric is exported
     assert {prometheus_name(n) for n in METRICS} - {"ray_hymba_actor_restarts_total", "ray_hymba_engine_preemptions_total"} \
         <= set(got)
+
+    # during the job (scraped when its first unit committed, with units still to run)
+    mid = _series(res["during"]["metrics"])
+    assert sum(v for _, v in mid["ray_hymba_rows_total"]) == res["during"]["rows"] == 4
+    assert all(lab["job"] == job for lab, _ in mid["ray_hymba_rows_total"])
+    assert mid["ray_hymba_engine_slots"][0][0]["actor"] == actor and mid["ray_hymba_engine_slots"][0][1] == slots
