@@ -256,9 +256,12 @@ class _Status:
     def _history_point(self, state: str, now: float, force: bool) -> None:
         self.history.run.add(now, totals(self.done.values()), state)
         hist = self.history.document()
-        write_json(self.out.loc, self.history_path, hist, self.out.tmp)
-        if force and self.run_path:
-            write_json(self.out.loc, self.run_path.rsplit("/", 1)[0] + "/" + HISTORY_FILE, hist, self.out.tmp)
+        try:
+            write_json(self.out.loc, self.history_path, hist, self.out.tmp)
+            if force and self.run_path:
+                write_json(self.out.loc, self.run_path.rsplit("/", 1)[0] + "/" + HISTORY_FILE, hist, self.out.tmp)
+        except OSError:
+            pass  # the history only feeds the report and status: losing a point never fails the job
 
 
 CommitFn = Callable[[], dict[str, Any]]
