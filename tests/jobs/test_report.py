@@ -121,7 +121,8 @@ def test_report_of_a_cancelled_job(ray_cluster, tiny_checkpoint, tmp_path) -> No
 
         def stop(self) -> None: ...
 
-    spec = parse_spec(job_dict(tiny_checkpoint, str(src), str(out), resources={"max_in_flight": 1}))
+    spec = parse_spec(job_dict(tiny_checkpoint, str(src), str(out), resources={"max_in_flight": 1},
+                               output={"format": "arrow"}))  # the report reads Arrow IPC files too
     summary = run_job(spec, reporter=CancelAfterFirstUnit())
     assert summary.state == "cancelled"
     assert main(["report", str(out)]) == 0
@@ -130,7 +131,7 @@ def test_report_of_a_cancelled_job(ray_cluster, tiny_checkpoint, tmp_path) -> No
     assert fig["state"] == "cancelled" and not fig["manifested"] and fig["total_rows"] == 16
     assert 4 <= fig["committed_rows"] == status["committed_rows"] < 16
     assert fig["committed_units"] == status["committed_units"]
-    _check_against_rows(fig, ds.dataset(sorted(str(p) for p in out.glob("part-*")), format="parquet").to_table())
+    _check_against_rows(fig, ds.dataset(sorted(str(p) for p in out.glob("part-*.arrow")), format="arrow").to_table())
     run = json.loads((out / "_hymba" / "history.json").read_text())["runs"][-1]
     assert run["state"] == "cancelled" and run["points"][-1]["rows"] == fig["committed_rows"]
 
