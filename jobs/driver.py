@@ -84,6 +84,7 @@ class JobSummary:
     new_files: int = 0
     changed_files: int = 0
     unchanged_files: int = 0
+    time_split: dict[str, float] = field(default_factory=dict)  # start / steady / tail / commit seconds
 
 
 def _model_identity(path: str) -> dict[str, Any]:
@@ -206,7 +207,7 @@ class _Status:
         self.error: str | None = None
         self.last_write = 0.0
         self.extra, self.run_path = extra or {}, run_path
-        self.workers = 0  # actors running units, once the pool has started (the tail: fewer units left)
+        self.pool: Any = None  # once started: its drained_at is the start of the run's tail
         self.history_path = out.loc.join(META_DIR, HISTORY_FILE)
         try:
             previous = read_json(out.loc, self.history_path)
@@ -242,8 +243,6 @@ class _Status:
         } | self.extra
 
     def write(self, state: str, force: bool = False) -> None:
-        self.history.run.mark(time.time(), len(self.done) - self.resumed_units,
-                              len(self.plan.units) - len(self.done) - len(self.failed), self.workers)
         if force or time.monotonic() - self.last_write >= 0.2:
             doc = self.document(state)
             self.out.write_status(doc)
@@ -254,6 +253,7 @@ class _Status:
                 self._history_point(state, doc["updated_at"], force)
 
     def _history_point(self, state: str, now: float, force: bool) -> None:
+        self.history.run.drained_at = getattr(self.pool, "drained_at", None)
         self.history.run.add(now, totals(self.done.values()), state)
         hist = self.history.document()
         try:
@@ -353,7 +353,8 @@ def _execute(spec: JobSpec, plan: Plan, out: JobOutput, status: _Status, t0: flo
                 max_in_flight=spec.resources.max_in_flight, max_attempts=spec.resources.max_attempts,
                 job_id=status.job_id))
             summary.actors = pool.start()
-            status.workers = n
+            t_ready = time.time()
+            status.pool, status.history.run.ready_at = pool, t_ready
 
             def on_done(res: UnitResult) -> None:
                 status.done[res.unit_id] = res
@@ -368,10 +369,19 @@ def _execute(spec: JobSpec, plan: Plan, out: JobOutput, status: _Status, t0: flo
                 status.write("running", force=True)
 
             pool.run(todo, on_done, on_failed)
+            t_run = time.time()
             summary.retried_units, summary.actor_restarts = pool.retries, pool.restarts
+            drained = pool.drained_at or t_run
+            # where the time went: planning + Ray + actors loading their models; every actor busy;
+            # the last units finishing after the queue ran dry
+            summary.time_split = {"start_s": t_ready - t0, "steady_s": drained - t_ready, "tail_s": t_run - drained}
         state = "failed" if status.failed else "succeeded"
         if state == "succeeded":
+            t_commit = time.time()
             summary.truncated_rows = commit()["truncated_rows"]
+            if summary.time_split:
+                summary.time_split["commit_s"] = time.time() - t_commit
+        status.extra["time_split"] = summary.time_split
         status.write(state, force=True)
     except KeyboardInterrupt:
         state = "cancelled"

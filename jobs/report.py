@@ -107,7 +107,8 @@ def _finish_figure(data: ReportData) -> str | None:
 
 def _phases_figure(data: ReportData) -> str | None:
     p = data.phases
-    parts = [("start", p.start_s, "#c44e52"), ("steady state", p.steady_s, "#4c72b0"), ("tail", p.tail_s, "#dd8452")]
+    parts = [("start", p.start_s, "#c44e52"), ("steady state", p.steady_s, "#4c72b0"), ("tail", p.tail_s, "#dd8452"),
+             ("commit", p.commit_s, "#8172b3")]
     parts = [x for x in parts if x[1]]
     if not parts:
         return None
@@ -118,7 +119,7 @@ def _phases_figure(data: ReportData) -> str | None:
         left += secs
     ax.set_yticks([])
     ax.set_xlabel("seconds")
-    ax.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.6))
+    ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.6))
     return _png(fig)
 
 
@@ -167,8 +168,10 @@ def render(data: ReportData) -> str:
     """The report page of ``data`` (HTML, plots embedded)."""
     s = data.summary()
     p = data.phases
-    phase_rows = [(name, f"{v:.1f} s") for name, v in (("time in all", p.total_s), ("start (to the first commit)", p.start_s),
-                                                        ("steady state", p.steady_s), ("tail", p.tail_s)) if v is not None]
+    phase_rows = [(name, f"{v:.1f} s") for name, v in (
+        ("time in all", p.total_s), ("start (planning, Ray, actors loading)", p.start_s),
+        ("steady state (every actor busy)", p.steady_s), ("tail (queue ran dry)", p.tail_s),
+        ("commit", p.commit_s)) if v is not None]
     figs = {"rates": _rates_figure(data), "lengths": _lengths_figure(data), "finish": _finish_figure(data),
             "phases": _phases_figure(data)}
     # inside <script>: no "</" may close the element early

@@ -6,9 +6,9 @@ cumulative rows, units, tokens and row errors of the job, and per actor (``actor
 this run. Past ``max_points`` points a run keeps every other point and doubles its interval, so
 a run of any length fits in a few hundred points. Each run of the same job (a resume after a
 cancel or a failure) is one entry of ``runs``; the last ``MAX_RUNS`` are kept. A run also
-records when its first unit committed, when its tail began (fewer units left than actors: from
-then on actors run out of work) and when it ended, which is the report's time split
-(start, steady state, tail). Knows nothing of Ray or of the engine.
+records when its actors were ready, when its queue ran dry (the tail begins: no unit left to
+hand out) and when it ended: the time split (start, steady state, tail) of the job summary,
+also for a run that is still going or was cancelled. Knows nothing of Ray or of the engine.
 """
 
 from __future__ import annotations
@@ -57,22 +57,14 @@ class RunHistory:
     interval_s: float = 10.0
     max_points: int = 360
     points: list[dict[str, Any]] = field(default_factory=list)
-    first_commit_at: float | None = None
-    tail_at: float | None = None
+    ready_at: float | None = None    # every actor has loaded its model
+    drained_at: float | None = None  # no unit left to hand out (the tail begins)
     ended_at: float | None = None
     state: str = "running"
 
     def due(self, now: float) -> bool:
         """Whether a new point is due (the first one always is)."""
         return not self.points or now - self.points[-1]["t"] >= self.interval_s
-
-    def mark(self, now: float, units_done: int, units_left: int, actors: int) -> None:
-        """Note the phase times: the run's first commit (``units_done`` by this run), and the
-        start of its tail (fewer units left than ``actors``)."""
-        if units_done > 0 and self.first_commit_at is None:
-            self.first_commit_at = now
-        if units_done > 0 and self.tail_at is None and 0 < actors and units_left < actors:
-            self.tail_at = now
 
     def add(self, now: float, figures: dict[str, Any], state: str) -> None:
         """Add a point (cumulative ``figures``) and keep the run within ``max_points``."""
@@ -90,7 +82,7 @@ class RunHistory:
 
     def document(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "started_at": self.started_at, "interval_s": self.interval_s,
-                "first_commit_at": self.first_commit_at, "tail_at": self.tail_at, "ended_at": self.ended_at,
+                "ready_at": self.ready_at, "drained_at": self.drained_at, "ended_at": self.ended_at,
                 "state": self.state, "points": self.points}
 
 

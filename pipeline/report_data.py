@@ -46,12 +46,16 @@ class ErrorKind:
 
 @dataclass
 class Phases:
-    """The time split of a run (seconds): start (to the first commit), steady state, tail."""
+    """The time split of a run (seconds): start (planning, Ray, actors loading their models),
+    steady state (every actor busy), tail (the queue has run dry), commit; ``source`` says
+    whether the driver measured it (``status.json``'s ``time_split``) or the history shows it."""
 
     start_s: float | None
     steady_s: float | None
     tail_s: float | None
     total_s: float | None
+    commit_s: float | None = None
+    source: str = "history"
 
 
 @dataclass
@@ -103,18 +107,21 @@ def _read_rows(out: JobOutput, path: str, fmt: str) -> pa.Table:
     return table.select(ROW_COLUMNS)
 
 
-def phases(run: dict[str, Any] | None) -> Phases:
-    """The time split of one run of the history (None where the run did not get there)."""
+def phases(run: dict[str, Any] | None, split: dict[str, float] | None = None) -> Phases:
+    """The time split: the driver's own (``split``, in status.json once a run has ended) or else
+    from one run of the history (None where the run did not get there)."""
+    if split:
+        parts = [split.get(k) for k in ("start_s", "steady_s", "tail_s", "commit_s")]
+        return Phases(parts[0], parts[1], parts[2], sum(p for p in parts if p is not None), parts[3], "driver")
     if not run:
         return Phases(None, None, None, None)
-    t0, first, tail, end = run.get("started_at"), run.get("first_commit_at"), run.get("tail_at"), run.get("ended_at")
-    end = end if end is not None else (run["points"][-1]["t"] if run.get("points") else None)
+    t0, ready, drained = run.get("started_at"), run.get("ready_at"), run.get("drained_at")
+    end = run.get("ended_at") or (run["points"][-1]["t"] if run.get("points") else None)
     total = end - t0 if end is not None and t0 is not None else None
-    if first is None:
+    if ready is None or end is None:
         return Phases(total, None, None, total)
-    tail = tail if tail is not None else end
-    return Phases(first - t0, (tail - first) if tail is not None else None,
-                  (end - tail) if end is not None and tail is not None else None, total)
+    drained = min(drained, end) if drained is not None else end
+    return Phases(ready - t0, drained - ready, end - drained, total)
 
 
 def load(uri: str) -> ReportData:
@@ -157,5 +164,5 @@ def load(uri: str) -> ReportData:
         completion_lengths=[cols["completion_tokens"][i] for i in ok],
         finish_reasons=dict(Counter(r or "none" for r in cols["finish_reason"]).most_common()),
         errors=sorted(errors.values(), key=lambda e: -e.rows), failed_units=failed,
-        phases=phases(runs[-1] if runs else None),
+        phases=phases(runs[-1] if runs else None, st.get("time_split")),
     )

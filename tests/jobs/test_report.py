@@ -67,9 +67,10 @@ def test_report_of_a_finished_job(ray_cluster, tiny_checkpoint, tmp_path, capsys
     (err,) = fig["errors"]  # the null text of a.parquet row 3, with that row as its sample
     assert err["rows"] == 1 and err["samples"][0]["source_file"] == "a.parquet" and err["samples"][0]["source_row"] == 3
     assert fig["finish_reasons"]["error"] == 1
-    ph = fig["phases"]
-    assert ph["start_s"] > 0 and ph["steady_s"] is not None and ph["tail_s"] is not None
-    assert ph["start_s"] + ph["steady_s"] + ph["tail_s"] == pytest.approx(ph["total_s"])
+    ph = fig["phases"]  # the driver's own time split, as in the job summary
+    assert ph["source"] == "driver" and ph["start_s"] > 0 and ph["steady_s"] >= 0 and ph["tail_s"] >= 0
+    assert [ph[k] for k in ("start_s", "steady_s", "tail_s")] == \
+        pytest.approx([summary.time_split[k] for k in ("start_s", "steady_s", "tail_s")])
 
     hist = json.loads((out / "_hymba" / "history.json").read_text())
     (run,) = hist["runs"]
@@ -79,7 +80,7 @@ def test_report_of_a_finished_job(ray_cluster, tiny_checkpoint, tmp_path, capsys
         (manifest["committed_rows"], manifest["prompt_tokens"], manifest["completion_tokens"])
     assert last["actors"] == {actor_label(summary.actors[0]["actor_id"]): {
         "rows": 16, "prompt_tokens": manifest["prompt_tokens"], "completion_tokens": manifest["completion_tokens"]}}
-    assert run["started_at"] <= run["first_commit_at"] <= run["tail_at"] <= run["ended_at"]
+    assert run["started_at"] <= run["ready_at"] <= run["drained_at"] <= run["ended_at"]
 
 
 def test_report_of_a_failed_job_on_s3(ray_cluster, tiny_checkpoint, s3_bucket, tmp_path) -> None:
@@ -134,6 +135,9 @@ def test_report_of_a_cancelled_job(ray_cluster, tiny_checkpoint, tmp_path) -> No
     _check_against_rows(fig, ds.dataset(sorted(str(p) for p in out.glob("part-*.arrow")), format="arrow").to_table())
     run = json.loads((out / "_hymba" / "history.json").read_text())["runs"][-1]
     assert run["state"] == "cancelled" and run["points"][-1]["rows"] == fig["committed_rows"]
+    ph = fig["phases"]  # no time split from the driver for a cancelled run: the history's
+    assert ph["source"] == "history" and ph["start_s"] == pytest.approx(run["ready_at"] - run["started_at"])
+    assert ph["start_s"] + ph["steady_s"] + ph["tail_s"] == pytest.approx(ph["total_s"])
 
 
 def test_report_of_no_job_is_a_clear_error(tmp_path, capsys) -> None:

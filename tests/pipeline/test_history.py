@@ -36,14 +36,13 @@ def test_a_long_run_stays_bounded_and_keeps_its_ends() -> None:
     assert ts == sorted(ts) and n > len(run.points)
 
 
-def test_phase_marks() -> None:
+def test_phase_times_are_in_the_document() -> None:
     run = RunHistory(None, started_at=100.0)
-    run.mark(101.0, units_done=0, units_left=10, actors=2)
-    assert run.first_commit_at is None and run.tail_at is None
-    run.mark(105.0, units_done=1, units_left=9, actors=2)
-    run.mark(120.0, units_done=9, units_left=1, actors=2)
-    run.mark(125.0, units_done=10, units_left=0, actors=2)
-    assert (run.first_commit_at, run.tail_at) == (105.0, 120.0)
+    run.ready_at, run.drained_at = 105.0, 120.0
+    run.add(125.0, {"rows": 8}, "succeeded")
+    doc = run.document()
+    assert (doc["started_at"], doc["ready_at"], doc["drained_at"], doc["ended_at"]) == (100.0, 105.0, 120.0, 125.0)
+    assert doc["state"] == "succeeded"
 
 
 def test_runs_of_the_same_job_are_kept_another_jobs_are_not() -> None:
