@@ -117,6 +117,9 @@ def status_table(status: dict[str, Any] | None, history: dict[str, Any] | None =
     t.add_row("failed units (rows)", f"{len(failed)} ({st.get('failed_rows', 0)})")
     for f in failed[:5]:
         t.add_row("failed unit", f"{f.get('unit_id')} after {f.get('attempts')} tries: {f.get('error')}")
+    split = st.get("time_split") or {}
+    if split:
+        t.add_row("time split", ", ".join(f"{k[:-2]} {duration(v)}" for k, v in split.items() if v is not None))
     if st.get("error"):
         t.add_row("error", Text(str(st["error"]), style="red"))
     if st.get("run_id"):

@@ -77,6 +77,7 @@ def test_status_of_a_running_then_finished_job(ray_cluster, tiny_checkpoint, tmp
     assert main(["status", str(out)]) == 0
     text = capsys.readouterr().out
     assert "succeeded" in text and f"{total} / {total} (100.0 %)" in text and "ETA" not in text
+    assert "time split" in text and "steady" in text and "tail" in text
     assert main(["status", str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["state"] == "succeeded" and doc["committed_rows"] == total
