@@ -15,6 +15,7 @@ the pool, in the driver, publishes unit retries, quarantines and actor restarts.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -73,9 +74,27 @@ def _metric(name: str) -> Any:
         return _made[name]
 
 
+_failed: set[str] = set()
+
+
+def _safely(name: str, record: Callable[[Any], None]) -> None:
+    """Record a metric; a failure (no Ray metrics here, say a Ray Client driver) is said once on
+    stderr and never fails a unit or the job."""
+    try:
+        record(_metric(name))
+    except Exception as e:  # noqa: BLE001 - monitoring must never take the job down
+        if name not in _failed:
+            _failed.add(name)
+            print(f"hymba-batch: metric {name} not recorded ({type(e).__name__}: {e})", file=sys.stderr)
+
+
 def _inc(name: str, value: float, tags: dict[str, str]) -> None:
     if value > 0:  # Ray's counters refuse 0
-        _metric(name).inc(value, tags=tags)
+        _safely(name, lambda m: m.inc(value, tags=tags))
+
+
+def _set(name: str, value: float, tags: dict[str, str]) -> None:
+    _safely(name, lambda m: m.set(value, tags=tags))
 
 
 def interval_s() -> float:
@@ -125,12 +144,17 @@ class ActorMetrics:
         return rows / max(min(RATE_WINDOW_S, now - self.started), 1e-3)
 
     def _publish_rate(self) -> None:
-        _metric("hymba_rows_per_second").set(self.rows_per_second(), tags=self.tags)
+        _set("hymba_rows_per_second", self.rows_per_second(), self.tags)
 
     def poll(self) -> None:
         """Publish the engine's counters now (gauges as they are, counters by their increase)."""
         with self._poll_lock:  # the poll thread and the unit threads: each increase counted once
-            self._poll()
+            try:
+                self._poll()
+            except Exception as e:  # noqa: BLE001 - monitoring must never fail a unit
+                if "poll" not in _failed:
+                    _failed.add("poll")
+                    print(f"hymba-batch: engine metrics not polled ({type(e).__name__}: {e})", file=sys.stderr)
 
     def _poll(self) -> None:
         s = self.snapshot()  # type: ignore[misc]
@@ -140,7 +164,7 @@ class ActorMetrics:
                             ("hymba_engine_waiting_requests", s.waiting),
                             ("hymba_engine_cache_blocks_used", s.blocks_used),
                             ("hymba_engine_cache_blocks_total", s.blocks_total)):
-            _metric(name).set(float(value), tags=t)
+            _set(name, float(value), t)
         old = self.last
         for name, field in (("hymba_engine_prefill_seconds", "prefill_s"), ("hymba_engine_decode_seconds", "decode_s"),
                             ("hymba_engine_prefill_tokens", "prefill_tokens"),
@@ -152,10 +176,7 @@ class ActorMetrics:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                self.poll()
-            except Exception:  # noqa: BLE001 - monitoring must never take the actor down
-                pass
+            self.poll()
 
     def stop(self) -> None:
         self._stop.set()

@@ -82,3 +82,53 @@ def test_job_metrics_reach_rays_prometheus_endpoint(tiny_checkpoint, tmp_path) -
     assert sum(v for _, v in mid["ray_hymba_rows_total"]) == res["during"]["rows"] == 4
     assert all(lab["job"] == job for lab, _ in mid["ray_hymba_rows_total"])
     assert mid["ray_hymba_engine_slots"][0][0]["actor"] == actor and mid["ray_hymba_engine_slots"][0][1] == slots
+
+
+class _Fake:
+    def __init__(self) -> None:
+        self.values: dict[tuple, float] = {}
+
+    def inc(self, value: float, tags: dict) -> None:
+        key = tuple(sorted(tags.items()))
+        self.values[key] = self.values.get(key, 0) + value
+
+    def set(self, value: float, tags: dict) -> None:
+        self.values[tuple(sorted(tags.items()))] = value
+
+
+def test_actor_metrics_arithmetic_and_failures_never_fail_a_unit(monkeypatch, capsys) -> None:
+    """Counters grow by the engine's increases only (polled twice, counted once), rows/s is over
+    the last minute, and a metric that cannot be recorded is reported once and skipped."""
+    from types import SimpleNamespace
+
+    import hymba_batch.workers.metrics as m
+
+    fakes: dict[str, _Fake] = {}
+    monkeypatch.setattr(m, "_metric", lambda name: fakes.setdefault(name, _Fake()))
+    now = [0.0]
+    snap = SimpleNamespace(running=3, waiting=1, slots=4, blocks_used=5, blocks_total=10, occupancy=0.75, steps=2,
+                           prefill_tokens=100, decode_tokens=7, prefill_s=0.5, decode_s=0.25, preemptions=0)
+    am = m.ActorMetrics("job-1", "actor-1", lambda: SimpleNamespace(**vars(snap)), interval=3600,
+                        clock=lambda: now[0])  # a fresh snapshot per call, as Engine.snapshot() gives
+    am.poll()  # a second poll of the same snapshot adds nothing
+    tags = (("actor", "actor-1"), ("job", "job-1"))
+    assert fakes["hymba_engine_prefill_tokens"].values[tags] == 100 and fakes["hymba_engine_batch_occupancy"].values[tags] == 0.75
+    snap.decode_tokens, now[0] = 27, 30.0
+    am.unit_done(rows=60, prompt_tokens=600, completion_tokens=90, error_rows=0)
+    am.poll()
+    assert fakes["hymba_engine_decode_tokens"].values[tags] == 27 and fakes["hymba_rows"].values[tags] == 60
+    assert "hymba_row_errors" not in fakes  # Ray's counters refuse 0: nothing recorded
+    assert am.rows_per_second() == 2.0  # 60 rows in the 30 s since the actor started
+    now[0] = 120.0
+    assert am.rows_per_second() == 0.0  # the unit is more than a minute old
+    am.stop()
+
+    def broken(name):
+        raise RuntimeError("no metrics here")
+
+    monkeypatch.setattr(m, "_metric", broken)
+    am.unit_done(rows=1, prompt_tokens=1, completion_tokens=1, error_rows=1)
+    am.unit_done(rows=1, prompt_tokens=1, completion_tokens=1, error_rows=1)
+    m.PoolMetrics("job-1").retry("actor-1")
+    err = capsys.readouterr().err
+    assert err.count("metric hymba_rows not recorded (RuntimeError: no metrics here)") == 1
