@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("target", metavar="OUTPUT_URI|JOB_ID", help="an output prefix (a path or s3:// URI), or the "
                                                                 "submission id that `submit` printed")
     s.add_argument("--address", default=None, help="Ray job server, e.g. http://127.0.0.1:8265 (or $RAY_ADDRESS)")
+    s.add_argument("--json", action="store_true", help="print the raw status document(s) as JSON instead of a table")
+    rp = add("report", "write a job's report: one HTML page with plots (throughput per actor, "
+                       "lengths, finish reasons, errors, time split)")
+    rp.add_argument("output_uri", metavar="OUTPUT_URI", help="the job's output prefix (local path or s3://)")
+    rp.add_argument("--out", default=None, metavar="PATH",
+                    help="where to write the page (local path or s3://; default OUTPUT_URI/_hymba/report.html)")
     d = add("demo", "sample data + tiny model + local S3 API + local Ray, end to end")
     d.add_argument("--workdir", default=None, help="folder for the demo's files (default: a new temp folder); "
                                                    "it keeps the sample articles, the tiny model, the output "
@@ -185,7 +191,13 @@ def _ray_commands(args: argparse.Namespace, console: Console) -> int:
             f"  hymba-batch logs {sid} --address {address} --follow", highlight=False, soft_wrap=True))
         return 0
     if args.cmd == "status":
-        print(json.dumps(sj.job_status(args.address, args.target), indent=2, sort_keys=True, default=str))
+        doc = sj.job_status(args.address, args.target)
+        if args.json:
+            print(json.dumps(doc, indent=2, sort_keys=True, default=str))
+            return 0
+        from .status_view import read_history, status_table
+        history = read_history(doc["output_uri"], args.target) if doc.get("output_uri") and doc.get("job") else None
+        console.print(status_table(doc.get("job"), history, ray=doc))
         return 0
     if args.cmd == "logs":
         sj.job_logs(args.address, args.job_id, args.follow, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
@@ -228,6 +240,16 @@ def _main(args: argparse.Namespace, console: Console, err: Console) -> int:
         if args.cmd == "schema":
             print(json.dumps(JobSpec.model_json_schema(), indent=2))
             return 0
+        if args.cmd == "report":
+            from hymba_batch.pipeline.report_data import NoJob
+
+            from .report import write_report
+            try:
+                console.print(f"report: {write_report(args.output_uri, args.out)}", highlight=False, soft_wrap=True)
+            except NoJob as e:
+                err.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
+                return 2
+            return 0
         if args.cmd == "demo":
             from .demo import run_demo
             return run_demo(args.workdir, args.rows, console)
@@ -244,7 +266,11 @@ def _main(args: argparse.Namespace, console: Console, err: Console) -> int:
             if doc is None:
                 err.print(f"{args.target}: no _hymba/status.json (no job has run there)")
                 return 2
-            print(json.dumps(doc, indent=2, sort_keys=True))
+            if args.json:
+                print(json.dumps(doc, indent=2, sort_keys=True))
+                return 0
+            from .status_view import read_history, status_table
+            console.print(status_table(doc, read_history(args.target, doc.get("run_id"))))
             return 0
         if args.cmd in ("submit", "status", "logs", "cancel"):
             return _ray_commands(args, console)

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from hymba_batch.pipeline.classify import DEFAULT_CLASSIFY
-from hymba_batch.pipeline.commit import JobOutput, fingerprint
+from hymba_batch.pipeline.commit import META_DIR, JobOutput, fingerprint
 from hymba_batch.pipeline.enrich import EnrichConfig
-from hymba_batch.pipeline.fs import write_json
+from hymba_batch.pipeline.fs import read_json, write_json
+from hymba_batch.pipeline.history import HISTORY_FILE, History, totals
 from hymba_batch.pipeline.incremental import RunState, Selection, check_run_id, new_run_id
 from hymba_batch.pipeline.lease import Lease
 from hymba_batch.pipeline.prompts import PromptConfig, template_variables
@@ -177,7 +178,7 @@ def plan_job(spec: JobSpec, files: list[InputFile] | None = None, incremental: b
     return Plan(files, units, fingerprint(parts), parts)
 
 
-def actor_config(spec: JobSpec, device: str, actors_per_gpu: int) -> ActorConfig:
+def actor_config(spec: JobSpec, device: str, actors_per_gpu: int, job_id: str = "") -> ActorConfig:
     """The plain config every actor of this job is built from."""
     from hymba_batch.workers.actor import ActorConfig
 
@@ -199,6 +200,7 @@ def actor_config(spec: JobSpec, device: str, actors_per_gpu: int) -> ActorConfig
                                 repetition_penalty=t.repetition_penalty, presence_penalty=t.presence_penalty,
                                 frequency_penalty=t.frequency_penalty),
         enrich=enrich_config(spec),
+        job_id=job_id,
     )
 
 
@@ -242,7 +244,8 @@ def _ensure_ray(spec: JobSpec) -> None:
 
 class _Status:
     """Aggregates unit results into the status document and writes it (at most every 0.2 s;
-    an incremental run's forced writes also go to ``_hymba/runs/<run_id>/status.json``)."""
+    an incremental run's forced writes also go to ``_hymba/runs/<run_id>/status.json``), and
+    keeps the run's bounded history (``_hymba/history.json``, a point every 10 s at most)."""
 
     def __init__(self, out: JobOutput, job_id: str, spec: JobSpec, plan: Plan, done: dict[str, UnitResult],
                  extra: dict[str, Any] | None = None, run_path: str | None = None):
@@ -251,9 +254,17 @@ class _Status:
         self.failed: list[dict[str, Any]] = []
         self.started = time.time()
         self.resumed_rows = sum(r.rows for r in done.values())
+        self.resumed_units = len(done)
         self.error: str | None = None
         self.last_write = 0.0
         self.extra, self.run_path = extra or {}, run_path
+        self.pool: Any = None  # once started: its drained_at is the start of the run's tail
+        self.history_path = out.loc.join(META_DIR, HISTORY_FILE)
+        try:
+            previous = read_json(out.loc, self.history_path)
+        except (OSError, ValueError):
+            previous = None  # an unreadable history is only lost history
+        self.history = History(job_id, self.extra.get("run_id"), previous, started_at=self.started)
 
     @property
     def rows(self) -> int:
@@ -289,6 +300,19 @@ class _Status:
             if force and self.run_path:
                 write_json(self.out.loc, self.run_path, doc, self.out.tmp)
             self.last_write = time.monotonic()
+            if force or self.history.run.due(doc["updated_at"]):
+                self._history_point(state, doc["updated_at"], force)
+
+    def _history_point(self, state: str, now: float, force: bool) -> None:
+        self.history.run.drained_at = getattr(self.pool, "drained_at", None)
+        self.history.run.add(now, totals(self.done.values()), state)
+        hist = self.history.document()
+        try:
+            write_json(self.out.loc, self.history_path, hist, self.out.tmp)
+            if force and self.run_path:
+                write_json(self.out.loc, self.run_path.rsplit("/", 1)[0] + "/" + HISTORY_FILE, hist, self.out.tmp)
+        except OSError:
+            pass  # the history only feeds the report and status: losing a point never fails the job
 
 
 CommitFn = Callable[[], dict[str, Any]]
@@ -375,11 +399,13 @@ def _execute(spec: JobSpec, plan: Plan, out: JobOutput, status: _Status, t0: flo
             import ray
 
             device, n, gpu_share, k = _placement(spec, ray.cluster_resources().get("GPU", 0))
-            pool = ActorPool(actor_config(spec, device, k), PoolConfig(
+            pool = ActorPool(actor_config(spec, device, k, status.job_id), PoolConfig(
                 num_actors=n, num_gpus_per_actor=gpu_share, num_cpus_per_actor=spec.resources.cpus_per_actor,
-                max_in_flight=spec.resources.max_in_flight, max_attempts=spec.resources.max_attempts))
+                max_in_flight=spec.resources.max_in_flight, max_attempts=spec.resources.max_attempts,
+                job_id=status.job_id))
             summary.actors = pool.start()
             t_ready = time.time()
+            status.pool, status.history.run.ready_at = pool, t_ready
 
             def on_done(res: UnitResult) -> None:
                 status.done[res.unit_id] = res

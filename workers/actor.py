@@ -29,6 +29,8 @@ from hymba_batch.pipeline.shards import WorkUnit
 from hymba_batch.pipeline.tokenizer import load_codec
 from hymba_batch.pipeline.unit import Generation, OutputConfig, SamplingConfig, UnitResult, UnitRunner
 
+from .metrics import ActorMetrics, actor_label
+
 CRASH_ONCE_ENV = "HYMBA_FAULT_CRASH_ONCE"
 POISON_UNIT_ENV = "HYMBA_FAULT_POISON_UNIT"
 ENGINE_ERROR_ONCE_ENV = "HYMBA_FAULT_ENGINE_ERROR_ONCE"
@@ -52,6 +54,7 @@ class ActorConfig:
     max_batch_tokens: int | None = None
     cpu_threads: int | None = None
     enrich: EnrichConfig | None = None  # JSON schema, classify labels, stop strings, logprobs
+    job_id: str = ""  # the ``job`` tag of this actor's metrics
 
 
 def request_params(s: SamplingConfig, seeds: list[int], options: list[RequestOptions] | None,
@@ -170,6 +173,7 @@ class InferenceActor:
         ctx = ray.get_runtime_context()
         self.identity = {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id() or "",
                          "pid": str(os.getpid()), "device": device}
+        self.metrics = ActorMetrics(cfg.job_id, actor_label(self.identity["actor_id"]), self.engine.snapshot)
 
     def _generate(self, prompts: list[list[int]], seeds: list[int],
                   options: list[RequestOptions] | None = None) -> list[Generation]:
@@ -200,11 +204,18 @@ class InferenceActor:
         _poison_hook(unit)
         busy_dir = os.environ.get(BUSY_DIR_ENV)
         if not busy_dir:
-            return self.runner.run(unit, worker=self.identity)
+            return self._counted(self.runner.run(unit, worker=self.identity))
         marker = os.path.join(busy_dir, f"busy-{self.identity['node_id']}")
         with open(marker, "w") as f:
             f.write(str(os.getpid()))
         try:
-            return self.runner.run(unit, worker=self.identity)
+            return self._counted(self.runner.run(unit, worker=self.identity))
         finally:
             os.remove(marker)
+
+    def _counted(self, res: UnitResult) -> UnitResult:
+        """Publish a unit this actor committed (not one an earlier try had committed)."""
+        if not res.reused:
+            self.metrics.unit_done(res.rows, res.prompt_tokens, res.completion_tokens, res.error_rows)
+            self.metrics.poll()  # the engine's counters as of this unit's end
+        return res

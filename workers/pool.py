@@ -24,6 +24,7 @@ from hymba_batch.pipeline.shards import WorkUnit
 from hymba_batch.pipeline.unit import UnitResult
 
 from .actor import ActorConfig, InferenceActor
+from .metrics import PoolMetrics, actor_label
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
                  "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
@@ -42,6 +43,7 @@ class PoolConfig:
     max_attempts: int = 3  # tries per unit before it is quarantined
     max_actor_restarts: int = 10  # replacements of dead actors over the whole job
     actor_start_timeout_s: float = 900.0  # with no actor running, how long to wait for replacements
+    job_id: str = ""  # the ``job`` tag of the pool's metrics
 
 
 @dataclass
@@ -86,6 +88,13 @@ class ActorPool:
         self.actor_info: list[dict[str, str]] = []
         self.ready: list[bool] = []  # loaded its model and may get units
         self.starting: dict[Any, tuple[int, int]] = {}  # info() of replacements -> (actor, generation)
+        self.metrics = PoolMetrics(cfg.job_id)
+        self.label_of: dict[tuple[int, int], str] = {}  # (actor, generation) -> its metrics tag
+
+    def _label(self, idx: int) -> str:
+        label = actor_label(self.actors[idx]._actor_id.hex())
+        self.label_of[(idx, self.generation[idx])] = label
+        return label
 
     def _new_actor(self) -> Any:
         return self.remote.remote(self.actor_cfg)
@@ -95,6 +104,8 @@ class ActorPool:
         self.actors = [self._new_actor() for _ in range(self.cfg.num_actors)]
         self.generation = [0] * len(self.actors)
         self.ready = [True] * len(self.actors)
+        for i in range(len(self.actors)):
+            self._label(i)
         try:
             self.actor_info = ray.get([a.info.remote() for a in self.actors])
         except (RayActorError, RayTaskError) as e:
@@ -107,6 +118,7 @@ class ActorPool:
         if self.generation[idx] != gen:
             return  # already replaced after an earlier failure of the same actor
         self.restarts += 1
+        self.metrics.restart(self.label_of.get((idx, gen), ""))
         if self.restarts > self.cfg.max_actor_restarts:
             raise PoolError(f"actors died {self.restarts} times (last: {why}); giving up")
         try:
@@ -115,6 +127,7 @@ class ActorPool:
             pass
         self.actors[idx] = self._new_actor()
         self.generation[idx] += 1
+        self._label(idx)
         self.ready[idx] = False
         self.starting[self.actors[idx].info.remote()] = (idx, self.generation[idx])
 
@@ -218,10 +231,13 @@ class ActorPool:
                     error = _first_line(e)
                 if charge:
                     attempts[unit.unit_id] = attempts.get(unit.unit_id, 0) + 1
+                label = self.label_of.get((idx, gen), "")
                 if attempts.get(unit.unit_id, 0) >= self.cfg.max_attempts:
+                    self.metrics.quarantine(label)
                     on_failed(UnitFailure(unit.unit_id, attempts[unit.unit_id], error))
                 else:
                     self.retries += 1
+                    self.metrics.retry(label)
                     queue.appendleft(unit)
                     self.drained_at = None
 

@@ -74,3 +74,26 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of one engine's counters, for monitoring (``Engine.snapshot()``): plain numbers,
+    cumulative since the engine was built where the name says so."""
+
+    running: int             # sequences holding a cache slot (prefilling or decoding)
+    waiting: int             # requests queued for a slot
+    slots: int               # cache slots a sequence can hold (the scratch slot left out)
+    blocks_used: int         # paged cache blocks held by sequences
+    blocks_total: int        # paged cache blocks sequences can hold (the scratch block left out)
+    steps: int               # engine steps run (cumulative)
+    prefill_tokens: int      # prompt tokens prefilled, recomputation included (cumulative)
+    decode_tokens: int       # tokens decoded (cumulative)
+    prefill_s: float         # seconds in prefill steps (cumulative)
+    decode_s: float          # seconds in decode steps (cumulative)
+    preemptions: int         # sequences preempted for lack of cache (cumulative)
+
+    @property
+    def occupancy(self) -> float:
+        """Running sequences over slots: how full the continuous batch is (0..1)."""
+        return self.running / self.slots if self.slots else 0.0

@@ -20,7 +20,7 @@ import torch
 
 from ..hymba import HymbaForCausalLM
 from ..sampling import sample
-from .api import RequestOutput, SamplingParams
+from .api import EngineStats, RequestOutput, SamplingParams
 from .cache import KVCache, plan_cache
 from .constraints import advance_rows
 from .logits import LogitsProcessor
@@ -104,6 +104,17 @@ class Engine:
         if min(seq.prompt) < 0 or max(seq.prompt) >= vocab:
             return f"prompt has token ids outside [0, {vocab})"
         return None
+
+    def snapshot(self) -> EngineStats:
+        """The engine's counters now (cheap; safe to call from another thread, when the values
+        may be one step apart)."""
+        sched, cache, st = self.scheduler, self.cache, self.stats
+        blocks_total = cache.shape.num_blocks - 1  # minus the scratch block
+        return EngineStats(
+            running=len(sched.running), waiting=len(sched.waiting), slots=cache.shape.num_slots - 1,
+            blocks_used=blocks_total - len(cache.free_blocks), blocks_total=blocks_total,
+            steps=int(st["steps"]), prefill_tokens=int(st["prefill_tokens"]), decode_tokens=int(st["decode_tokens"]),
+            prefill_s=float(st["prefill_s"]), decode_s=float(st["decode_s"]), preemptions=sched.num_preemptions)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._done)

@@ -139,7 +139,7 @@ def _ray_head(env_extra: dict[str, str]):
 
 def _status(address: str, sid: str, capsys) -> dict:
     capsys.readouterr()
-    assert main(["status", sid, "--address", address]) == 0
+    assert main(["status", sid, "--address", address, "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -173,6 +173,9 @@ def test_submit_status_logs_and_duplicate_window(ray_head, tiny_checkpoint, tmp_
     assert job["state"] == "succeeded" and job["run_id"] == expected and job["incremental"] is True
     assert job["committed_rows"] == job["total_rows"] == total and job["completion_tokens"] > 0
     assert "eta_s" in job and job["new_files"] == 2
+    assert main(["status", expected, "--address", ray_head]) == 0  # the table a person reads
+    table = capsys.readouterr().out
+    assert f"{expected}: SUCCEEDED" in table and f"{total} / {total} (100.0 %)" in table and "succeeded" in table
 
     # the job ran the code submit shipped (a py_modules package), not this checkout (--debug,
     # passed on to the job, prints where its code came from)

@@ -9,7 +9,7 @@
   files, with their row counts, source ranges and totals; a failed job has neither;
 - each data file carries its unit metadata with its own row count;
 - a re-run changes nothing: ``snapshot`` before and after compares every file's bytes except the
-  progress document ``_hymba/status.json``.
+  progress documents ``_hymba/status.json`` and ``_hymba/history.json`` (a re-run is one more run).
 """
 
 from __future__ import annotations
@@ -106,11 +106,11 @@ def check_output(uri: str, expected: Counter | None, *, complete: bool = True) -
 
 
 def snapshot(uri: str) -> dict[str, str]:
-    """sha256 of every file under the prefix except the progress document."""
+    """sha256 of every file under the prefix except the progress documents."""
     loc = resolve(uri)
     out = {}
     for p in listing(uri):
-        if p == "_hymba/status.json":
+        if p in ("_hymba/status.json", "_hymba/history.json"):
             continue
         with loc.fs.open_input_stream(loc.join(p)) as f:
             out[p] = hashlib.sha256(f.read()).hexdigest()
