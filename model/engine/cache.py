@@ -9,6 +9,12 @@
 - consumer layers store nothing.
 
 Owns allocation of slots and blocks and the exact byte count (checked against costs.py).
+
+Forking (design.md §3): ``fork(src, dst, length)`` starts slot ``dst`` from the state of slot
+``src`` after its first ``length`` tokens: the fixed-size parts (conv + SSM state, the
+sliding-window rings) are copied, the global layers' full blocks are shared by reference count,
+and a partly filled last block is copied (the fork writes its next tokens there). A block goes
+back to the free list when its last holder frees it.
 """
 
 from __future__ import annotations
@@ -83,9 +89,11 @@ class KVCache:
         self.free_slots = list(range(S - 1, -1, -1))
         self.free_blocks = list(range(shape.num_blocks - 1, -1, -1))
         self.blocks_of: dict[int, list[int]] = {}
+        self.refs = [0] * shape.num_blocks  # holders of each block (slots; forks share full blocks)
         # scratch: where padded lanes of a CUDA-graph decode write (never read by a sequence)
         self.scratch_slot = self.free_slots.pop(0)
         self.scratch_block = self.free_blocks.pop(0)
+        self.refs[self.scratch_block] = 1
         self.block_table[self.scratch_slot] = self.scratch_block
 
     # ---- meta tokens: once per model -----------------------------------------------------
@@ -125,13 +133,51 @@ class KVCache:
         if need > len(self.free_blocks) or len(have) + need > self.max_blocks_per_seq:
             return False
         new = [self.free_blocks.pop() for _ in range(need)]
+        for b in new:
+            self.refs[b] = 1
         self.block_table[slot, len(have):len(have) + need] = torch.tensor(new, dtype=torch.int32)
         have.extend(new)
         return True
 
     def free(self, slot: int) -> None:
-        self.free_blocks.extend(reversed(self.blocks_of.pop(slot)))
+        for b in reversed(self.blocks_of.pop(slot)):
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self.free_blocks.append(b)
         self.free_slots.append(slot)
+
+    def fork(self, src: int, dst: int, length: int) -> bool:
+        """Make the freshly allocated slot ``dst`` continue from slot ``src`` after its first
+        ``length`` tokens (``src`` must not write below ``length`` while forks live). False,
+        changing nothing, when no block is free for a partly filled last block."""
+        bs = self.shape.block_size
+        full, partial = divmod(length, bs)
+        src_blocks = self.blocks_of[src]
+        if len(src_blocks) < full + (partial > 0):
+            raise ValueError(f"slot {src} holds {len(src_blocks)} blocks, not {length} tokens")
+        if partial and not self.free_blocks:
+            return False
+        assert not self.blocks_of[dst], "fork into a slot that already holds blocks"
+        self.conv[:, dst] = self.conv[:, src]
+        self.ssm[:, dst] = self.ssm[:, src]
+        blocks = src_blocks[:full]
+        for b in blocks:
+            self.refs[b] += 1
+        if partial:
+            b = self.free_blocks.pop()
+            self.refs[b] = 1
+            for kind, k, v in self.kv.values():
+                if kind == "paged":
+                    k[b, :partial] = k[src_blocks[full], :partial]
+                    v[b, :partial] = v[src_blocks[full], :partial]
+            blocks = blocks + [b]
+        for kind, k, v in self.kv.values():
+            if kind == "ring":
+                k[dst], v[dst] = k[src], v[src]
+        if blocks:
+            self.block_table[dst, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self.blocks_of[dst] = list(blocks)
+        return True
 
     @property
     def has_global_layers(self) -> bool:
