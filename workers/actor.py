@@ -23,10 +23,11 @@ import os
 import sys
 from dataclasses import dataclass
 
-from hymba_batch.pipeline.prompts import PromptConfig
+from hymba_batch.pipeline.prompts import PromptConfig, sample_seed
 from hymba_batch.pipeline.shards import WorkUnit
 from hymba_batch.pipeline.tokenizer import load_codec
 from hymba_batch.pipeline.unit import Generation, OutputConfig, SamplingConfig, UnitResult, UnitRunner
+from hymba_batch.workers.prefix import SharedPrefix
 
 CRASH_ONCE_ENV = "HYMBA_FAULT_CRASH_ONCE"
 POISON_UNIT_ENV = "HYMBA_FAULT_POISON_UNIT"
@@ -50,6 +51,7 @@ class ActorConfig:
     max_num_seqs: int | None = None
     max_batch_tokens: int | None = None
     cpu_threads: int | None = None
+    share_prefix: bool = True  # fork every request from the job's common prompt prefix (workers/prefix.py)
 
 
 def _crash_hook(unit: WorkUnit) -> None:
@@ -122,6 +124,7 @@ class InferenceActor:
             ekw["max_batch_tokens"] = cfg.max_batch_tokens
         self.engine = Engine(self.model, EngineConfig(**ekw))
         self.frontend = ThreadedEngine(self.engine)  # units in flight share one continuous batch
+        self.prefix = SharedPrefix(self.frontend) if cfg.share_prefix else None
         _engine_fault_hook(self.engine)
         shape = self.engine.cache.shape
         capacity = ((shape.num_blocks - 1) * shape.block_size  # one sequence alone, minus the scratch block
@@ -145,11 +148,26 @@ class InferenceActor:
 
     def _generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Generation]:
         s = self.cfg.sampling
+        n = max(1, s.n)
         params = [self._SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                       top_p=s.top_p, top_k=s.top_k, seed=seed,
-                                       stop_token_ids=(self.codec.eos_token_id,)) for seed in seeds]
+                                       top_p=s.top_p, top_k=s.top_k, seed=sample_seed(seed, j),
+                                       stop_token_ids=(self.codec.eos_token_id,))
+                  for seed in seeds for j in range(n)]
+        held, rest = self.prefix.split(prompts) if self.prefix else (None, prompts)
+        job_pid = held.pid if held else None
+        row_pids: list[int] = []
         try:
-            outs = self.frontend.generate(prompts, params)
+            if n == 1:
+                reqs, pids = rest, [job_pid] * len(rest)
+            else:  # each prompt but its last token computed once, its n samples forked from it
+                reqs, pids = [], []
+                for r in rest:
+                    pid = self.frontend.add_prefix(r[:-1], job_pid) if len(r) > 1 else job_pid
+                    if len(r) > 1:
+                        row_pids.append(pid)
+                    reqs += [r[-1:] if len(r) > 1 else r] * n
+                    pids += [pid] * n
+            outs = self.frontend.generate(reqs, params, pids, release=tuple(row_pids))
         except Exception as e:
             if self.frontend.error is not None:
                 # The engine itself failed (a CUDA error poisons the process's context): exit so
@@ -158,11 +176,20 @@ class InferenceActor:
                       file=sys.stderr, flush=True)
                 os._exit(ENGINE_FAILED_EXIT)
             raise
-        return [Generation(list(o.token_ids), o.finish_reason or "error", o.prompt_tokens, o.error) for o in outs]
+        finally:
+            if self.prefix:
+                self.prefix.done(held)
+        gens = [Generation(list(o.token_ids), o.finish_reason or "error", o.prompt_tokens, o.error) for o in outs]
+        if n == 1:
+            return gens
+        rows = [gens[i:i + n] for i in range(0, len(gens), n)]
+        return [Generation(g[0].token_ids, g[0].finish_reason, g[0].prompt_tokens,
+                           next((x.error for x in g if x.error), None), [x.token_ids for x in g]) for g in rows]
 
     def _generate_stats(self) -> dict[str, float]:
         """Engine counters when a unit's generation ended (cumulative for this engine)."""
-        return {"engine_preemptions": float(self.engine.scheduler.num_preemptions)}
+        return {"engine_preemptions": float(self.engine.scheduler.num_preemptions),
+                "engine_forked_tokens": float(self.engine.scheduler.forked_tokens)}
 
     def info(self) -> dict[str, str]:
         """Where this actor runs (node, pid, device)."""
