@@ -109,10 +109,16 @@ def fingerprint_parts(spec: JobSpec, files: list[InputFile] | None) -> dict[str,
         "prompt": t.model_dump(include={"kind", "prompt", "template", "system", "chat", "max_input_tokens",
                                         "truncation"}) | {"text_column": spec.input.text_column,
                                                           "id_column": spec.input.id_column},
-        "sampling": t.model_dump(include={"max_new_tokens", "temperature", "top_p", "top_k", "seed"}),
+        "sampling": t.model_dump(include={"max_new_tokens", "temperature", "top_p", "top_k", "seed"})
+        | ({"n": t.n} if t.n != 1 else {}),
         "input": inp,
         "output": spec.output.model_dump(include={"format", "mode"}),
     }
+
+
+def _extra_columns(spec: JobSpec) -> set[str]:
+    """Output columns this job adds beyond the standard ones (an input column may not have their name)."""
+    return {"samples"} if spec.task.n > 1 else set()
 
 
 def plan_job(spec: JobSpec, files: list[InputFile] | None = None, incremental: bool = False) -> Plan:
@@ -124,7 +130,7 @@ def plan_job(spec: JobSpec, files: list[InputFile] | None = None, incremental: b
     if spec.input.id_column:
         required.add(spec.input.id_column)
     for f, m in zip(files, metas):
-        check_schema(f, m, spec.input.text_column, required, set(RESERVED_COLUMNS))
+        check_schema(f, m, spec.input.text_column, required, set(RESERVED_COLUMNS) | _extra_columns(spec))
     units = plan_units(files, metas, spec.input.rows_per_unit)
     parts = fingerprint_parts(spec, None if incremental else files)
     return Plan(files, units, fingerprint(parts), parts)
@@ -141,12 +147,13 @@ def actor_config(spec: JobSpec, device: str, actors_per_gpu: int) -> ActorConfig
         cache_budget_bytes=spec.model.cache_budget_mb << 20 if spec.model.cache_budget_mb else None,
         max_num_seqs=spec.model.max_num_seqs, max_batch_tokens=spec.model.max_batch_tokens,
         cpu_threads=max(1, int(spec.resources.cpus_per_actor)) if device == "cpu" else None,
+        share_prefix=t.share_prefix,
         prompt=PromptConfig(kind=t.kind, text_column=spec.input.text_column, prompt=t.prompt, template=t.template,
                             system=t.system, chat=t.chat, max_input_tokens=t.max_input_tokens, truncation=t.truncation),
         output=OutputConfig(uri=spec.output.uri, format=spec.output.format, mode=spec.output.mode,
                             id_column=spec.input.id_column),
         sampling=SamplingConfig(max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p,
-                                top_k=t.top_k, seed=t.seed),
+                                top_k=t.top_k, seed=t.seed, n=t.n),
     )
 
 

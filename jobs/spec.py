@@ -84,9 +84,19 @@ class TaskSpec(_Strict):
     truncation: Literal["head", "middle", "tail", "error"] = Field(
         "middle", description="For a too-long prompt: drop tokens of the text from its head, middle or tail "
                               "(row marked truncated), or make it a row error.")
+    share_prefix: bool = Field(True, description="Compute the prompt tokens every row starts with (chat header, "
+                                                 "system message, instruction, few-shot examples) once per engine "
+                                                 "and fork each row from them; found automatically as the rows' "
+                                                 "longest common token prefix. Output is the same either way.")
+    n: int = Field(1, ge=1, le=16, description="Samples per row: the prompt is prefilled once and forked into n "
+                                               "sequences; the texts go to the list column `samples` "
+                                               "(`generated_text` keeps the first). n > 1 needs temperature > 0.")
 
     @model_validator(mode="after")
     def _check(self) -> "TaskSpec":
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"task.n is {self.n}: several samples need task.temperature > 0 "
+                             "(greedy samples would all be the same)")
         if self.kind == "template":
             if not self.template:
                 raise ValueError("task.template is required when task.kind is 'template'")

@@ -174,3 +174,10 @@ def row_seed(base_seed: int, source_file: str, source_row: int, row_id: Any = No
     """A per-row sampling seed from the job seed and the row's identity (not its batch)."""
     key = f"{base_seed}\0{source_file}\0{source_row}" if row_id is None else f"{base_seed}\0id\0{row_id!r}"
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of sample ``sample`` of a row whose seed is ``seed`` (sample 0 keeps the row's)."""
+    if sample == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}\0sample\0{sample}".encode()).digest()[:4], "big") & 0x7FFFFFFF

@@ -40,6 +40,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    n: int = 1  # samples per row, forked from one prefill (list column ``samples``)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Generation:
     finish_reason: str
     prompt_tokens: int
     error: str | None = None
+    samples: list[list[int]] | None = None  # with n > 1: every sample's ids (token_ids is the first)
 
 
 # prompts, per-row seeds -> one Generation per prompt, in order
@@ -137,6 +139,9 @@ class UnitRunner:
             else:
                 r.generated_text = self.codec.decode(g.token_ids)
                 r.finish_reason, r.completion_tokens, r.error = g.finish_reason, len(g.token_ids), None
+                if g.samples is not None:  # task.n > 1: every sample's text; tokens of all of them
+                    r.samples = [self.codec.decode(x) for x in g.samples]
+                    r.completion_tokens = sum(len(x) for x in g.samples)
         res = UnitResult(
             unit.unit_id, rows=len(results),
             error_rows=sum(r.error is not None for r in results),
@@ -145,7 +150,8 @@ class UnitRunner:
             completion_tokens=sum(r.completion_tokens for r in results),
             worker=dict(worker or {}),
         )
-        out = output_table(table, results, unit, self.output.mode, id_col)
+        extra = ("samples",) if self.sampling.n > 1 else ()
+        out = output_table(table, results, unit, self.output.mode, id_col, extra)
         t4 = time.perf_counter()
         res.timings = {"read_s": t1 - t0, "prompt_s": t2 - t1, "generate_s": t3 - t2,
                        "build_s": t4 - t3}

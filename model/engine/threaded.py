@@ -41,8 +41,9 @@ class ThreadedEngine:
             self.engine.release_prefix(prefix)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams],
-                 prefixes: list[int | None] | None = None) -> list[RequestOutput]:
-        """Submit and wait; results in input order. ``prefixes[i]``: prompt i follows that prefix."""
+                 prefixes: list[int | None] | None = None, release: tuple[int, ...] = ()) -> list[RequestOutput]:
+        """Submit and wait; results in input order. ``prefixes[i]``: prompt i follows that prefix;
+        ``release``: prefixes to release once these requests are queued."""
         futures = []
         with self._cv:
             if self._error is not None:
@@ -51,6 +52,8 @@ class ThreadedEngine:
                 fut: Future = Future()
                 self._futures[self.engine.add_request(prompt, p, pre)] = fut
                 futures.append(fut)
+            for pid in release:
+                self.engine.release_prefix(pid)
             self._cv.notify()
         return [f.result() for f in futures]
 
