@@ -108,7 +108,8 @@ def fingerprint_parts(spec: JobSpec, files: list[InputFile] | None) -> dict[str,
         "model": _model_identity(spec.model.path) | {"dtype": spec.model.dtype},
         "prompt": t.model_dump(include={"kind", "prompt", "template", "system", "chat", "max_input_tokens",
                                         "truncation"}) | {"text_column": spec.input.text_column,
-                                                          "id_column": spec.input.id_column},
+                                                          "id_column": spec.input.id_column}
+        | ({"long_input": t.long_input} if t.long_input != "truncate" else {}),
         "sampling": t.model_dump(include={"max_new_tokens", "temperature", "top_p", "top_k", "seed"})
         | ({"n": t.n} if t.n != 1 else {}),
         "input": inp,
@@ -118,7 +119,7 @@ def fingerprint_parts(spec: JobSpec, files: list[InputFile] | None) -> dict[str,
 
 def _extra_columns(spec: JobSpec) -> set[str]:
     """Output columns this job adds beyond the standard ones (an input column may not have their name)."""
-    return {"samples"} if spec.task.n > 1 else set()
+    return ({"samples"} if spec.task.n > 1 else set()) | ({"chunks"} if spec.task.long_input == "map_reduce" else set())
 
 
 def plan_job(spec: JobSpec, files: list[InputFile] | None = None, incremental: bool = False) -> Plan:
@@ -149,7 +150,8 @@ def actor_config(spec: JobSpec, device: str, actors_per_gpu: int) -> ActorConfig
         cpu_threads=max(1, int(spec.resources.cpus_per_actor)) if device == "cpu" else None,
         share_prefix=t.share_prefix,
         prompt=PromptConfig(kind=t.kind, text_column=spec.input.text_column, prompt=t.prompt, template=t.template,
-                            system=t.system, chat=t.chat, max_input_tokens=t.max_input_tokens, truncation=t.truncation),
+                            system=t.system, chat=t.chat, max_input_tokens=t.max_input_tokens, truncation=t.truncation,
+                            long_input=t.long_input),
         output=OutputConfig(uri=spec.output.uri, format=spec.output.format, mode=spec.output.mode,
                             id_column=spec.input.id_column),
         sampling=SamplingConfig(max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p,

@@ -84,6 +84,11 @@ class TaskSpec(_Strict):
     truncation: Literal["head", "middle", "tail", "error"] = Field(
         "middle", description="For a too-long prompt: drop tokens of the text from its head, middle or tail "
                               "(row marked truncated), or make it a row error.")
+    long_input: Literal["truncate", "map_reduce"] = Field(
+        "truncate", description="A text whose prompt exceeds max_input_tokens: truncate it (task.truncation), or "
+                                "map_reduce: cut it into chunks that fit (at paragraph, else sentence boundaries), "
+                                "run the job's prompt on each, then on the joined results, until it fits; the row "
+                                "gets one result and the column `chunks` (how many pieces).")
     share_prefix: bool = Field(True, description="Compute the prompt tokens every row starts with (chat header, "
                                                  "system message, instruction, few-shot examples) once per engine "
                                                  "and fork each row from them; found automatically as the rows' "
@@ -182,6 +187,8 @@ class JobSpec(_Strict):
     def _check(self) -> "JobSpec":
         if self.task.kind != "template" and not self.input.text_column:
             raise ValueError(f"input.text_column is required when task.kind is {self.task.kind!r}")
+        if self.task.long_input == "map_reduce" and not self.input.text_column:
+            raise ValueError("input.text_column is required when task.long_input is 'map_reduce' (the text to cut)")
         return self
 
 

@@ -39,6 +39,7 @@ class PromptConfig:
     chat: bool = True
     max_input_tokens: int | None = None
     truncation: str = "middle"  # head | middle | tail | error
+    long_input: str = "truncate"  # truncate (by ``truncation``) | map_reduce (pipeline/longdoc.py)
 
 
 @dataclass
@@ -127,6 +128,18 @@ class PromptBuilder:
             else:
                 out[i] = self._fit(rows[i], bodies[i] or "", len(ids))
         return [p if p is not None else Prompt(None, error="internal: no prompt built") for p in out]
+
+    def body(self, row: dict[str, Any]) -> str:
+        """The row's text (the part a long prompt loses or is cut into); ValueError for a bad row."""
+        return self._body(row)
+
+    def encode(self, row: dict[str, Any], body: str) -> list[int]:
+        """Token ids of the row's whole prompt with ``body`` as its text."""
+        return self._encode(row, body)
+
+    def fit(self, row: dict[str, Any], body: str, n_tokens: int) -> Prompt:
+        """A prompt of ``n_tokens`` cut to the limit under the job's truncation policy."""
+        return self._fit(row, body, n_tokens)
 
     def _encode(self, row: dict[str, Any], body: str) -> list[int]:
         return self.codec.encode_prompts([self._full_text(self._message(row, body))], self.cfg.chat)[0]

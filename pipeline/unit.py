@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from .fs import exists, resolve
+from .longdoc import MapReduce
 from .prompts import PromptBuilder, PromptConfig, row_seed
 from .reader import read_unit, text_values
 from .shards import WorkUnit
@@ -120,17 +121,28 @@ class UnitRunner:
             for row, v in zip(rows, text_values(table, cfg.text_column, unit.file.uri)):
                 row[cfg.text_column] = v
         t1 = time.perf_counter()
-        prompts = self.prompts.build_batch(rows)
-        todo = [i for i, p in enumerate(prompts) if p.token_ids is not None]
         id_col = self.output.id_column
-        seeds = [row_seed(self.sampling.seed, unit.file.uri, unit.row_start + i,
-                          rows[i].get(id_col) if id_col else None) for i in todo]
-        t2 = time.perf_counter()
-        gens = self.generate([prompts[i].token_ids for i in todo], seeds) if todo else []  # type: ignore[misc]
+        chunks: list[int | None] = []
+        if cfg.long_input == "map_reduce":  # long texts summarized in pieces (pipeline/longdoc.py)
+            all_seeds = [row_seed(self.sampling.seed, unit.file.uri, unit.row_start + i,
+                                  rows[i].get(id_col) if id_col else None) for i in range(len(rows))]
+            t2 = time.perf_counter()  # the rounds are generation time
+            prompts, final, chunks = MapReduce(self.prompts, self.generate).run(rows, all_seeds)
+            todo = [i for i, g in enumerate(final) if g is not None]
+            gens = [final[i] for i in todo]
+        else:
+            prompts = self.prompts.build_batch(rows)
+            todo = [i for i, p in enumerate(prompts) if p.token_ids is not None]
+            seeds = [row_seed(self.sampling.seed, unit.file.uri, unit.row_start + i,
+                              rows[i].get(id_col) if id_col else None) for i in todo]
+            t2 = time.perf_counter()
+            gens = self.generate([prompts[i].token_ids for i in todo], seeds) if todo else []  # type: ignore[misc]
         if len(gens) != len(todo):
             raise RuntimeError(f"generate returned {len(gens)} outputs for {len(todo)} prompts")
         t3 = time.perf_counter()
         results = [RowResult(finish_reason="error", error=p.error, truncated=p.truncated) for p in prompts]
+        for r, c in zip(results, chunks):
+            r.chunks = c
         for i, g in zip(todo, gens):
             r = results[i]
             r.prompt_tokens = g.prompt_tokens or len(prompts[i].token_ids or [])
@@ -150,7 +162,7 @@ class UnitRunner:
             completion_tokens=sum(r.completion_tokens for r in results),
             worker=dict(worker or {}),
         )
-        extra = ("samples",) if self.sampling.n > 1 else ()
+        extra = (("samples",) if self.sampling.n > 1 else ()) + (("chunks",) if cfg.long_input == "map_reduce" else ())
         out = output_table(table, results, unit, self.output.mode, id_col, extra)
         t4 = time.perf_counter()
         res.timings = {"read_s": t1 - t0, "prompt_s": t2 - t1, "generate_s": t3 - t2,
