@@ -90,6 +90,9 @@ class KVCache:
         self.free_blocks = list(range(shape.num_blocks - 1, -1, -1))
         self.blocks_of: dict[int, list[int]] = {}
         self.refs = [0] * shape.num_blocks  # holders of each block (slots; forks share full blocks)
+        self._fork_slots: list[tuple[int, int]] = []   # (src, dst) slot copies queued by fork
+        self._fork_blocks: list[tuple[int, int]] = []  # (src, dst) partly filled block copies
+        self._deferred_free: list[int] = []  # slots freed while a queued fork reads them
         # scratch: where padded lanes of a CUDA-graph decode write (never read by a sequence)
         self.scratch_slot = self.free_slots.pop(0)
         self.scratch_block = self.free_blocks.pop(0)
@@ -140,16 +143,25 @@ class KVCache:
         return True
 
     def free(self, slot: int) -> None:
+        if any(s == slot for s, _ in self._fork_slots):  # a queued fork still reads it
+            self._deferred_free.append(slot)
+            return
+        self._fork_slots = [(s, d) for s, d in self._fork_slots if d != slot]
+        freed = []
         for b in reversed(self.blocks_of.pop(slot)):
             self.refs[b] -= 1
             if self.refs[b] == 0:
                 self.free_blocks.append(b)
+                freed.append(b)
+        if freed and self._fork_blocks:
+            self._fork_blocks = [(s, d) for s, d in self._fork_blocks if d not in freed]
         self.free_slots.append(slot)
 
     def fork(self, src: int, dst: int, length: int) -> bool:
         """Make the freshly allocated slot ``dst`` continue from slot ``src`` after its first
         ``length`` tokens (``src`` must not write below ``length`` while forks live). False,
-        changing nothing, when no block is free for a partly filled last block."""
+        changing nothing, when no block is free for a partly filled last block. The block tables
+        change now; the state copies are queued for ``apply_forks`` (one batched copy a step)."""
         bs = self.shape.block_size
         full, partial = divmod(length, bs)
         src_blocks = self.blocks_of[src]
@@ -158,26 +170,39 @@ class KVCache:
         if partial and not self.free_blocks:
             return False
         assert not self.blocks_of[dst], "fork into a slot that already holds blocks"
-        self.conv[:, dst] = self.conv[:, src]
-        self.ssm[:, dst] = self.ssm[:, src]
         blocks = src_blocks[:full]
         for b in blocks:
             self.refs[b] += 1
         if partial:
             b = self.free_blocks.pop()
             self.refs[b] = 1
-            for kind, k, v in self.kv.values():
-                if kind == "paged":
-                    k[b, :partial] = k[src_blocks[full], :partial]
-                    v[b, :partial] = v[src_blocks[full], :partial]
+            self._fork_blocks.append((src_blocks[full], b))
             blocks = blocks + [b]
-        for kind, k, v in self.kv.values():
-            if kind == "ring":
-                k[dst], v[dst] = k[src], v[src]
+        self._fork_slots.append((src, dst))
         if blocks:
             self.block_table[dst, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         self.blocks_of[dst] = list(blocks)
         return True
+
+    def apply_forks(self) -> None:
+        """Copy the queued forks' state: conv + SSM slots, rings, partly filled last blocks."""
+        if self._fork_slots:
+            dev = self.conv.device
+            src, dst = (torch.tensor(x, dtype=torch.long, device=dev) for x in zip(*self._fork_slots))
+            self.conv[:, dst] = self.conv[:, src]
+            self.ssm[:, dst] = self.ssm[:, src]
+            for kind, k, v in self.kv.values():
+                if kind == "ring":
+                    k[dst], v[dst] = k[src], v[src]
+        if self._fork_blocks:
+            src, dst = (torch.tensor(x, dtype=torch.long, device=self.conv.device) for x in zip(*self._fork_blocks))
+            for kind, k, v in self.kv.values():
+                if kind == "paged":  # whole blocks: entries past the prefix are never read before written
+                    k[dst], v[dst] = k[src], v[src]
+        self._fork_slots, self._fork_blocks = [], []
+        deferred, self._deferred_free = self._deferred_free, []
+        for slot in deferred:
+            self.free(slot)
 
     @property
     def has_global_layers(self) -> bool:

@@ -163,6 +163,7 @@ class Engine:
             return finished
         self.stats["steps"] += 1
         t0 = time.perf_counter()
+        self.cache.apply_forks()  # state of the sequences forked from a prefix in this schedule
         kind = "decode_s" if isinstance(batch, DecodeBatch) else "prefill_s"
         if isinstance(batch, DecodeBatch):
             seqs = batch.seqs

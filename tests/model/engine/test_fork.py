@@ -172,3 +172,22 @@ def test_many_forked_prompts_under_few_slots_finish_with_the_same_tokens(tiny_mo
     assert len(engine.scheduler.pinned) == 1  # the job's prefix, still owned
     engine.release_prefix(jp)
     _assert_all_free(engine)
+
+
+def test_a_prefix_freed_by_its_last_fork_is_not_reused_before_the_fork_copies_it(tiny_model, rand_prompts):
+    """Forks copy their state once per step (batched); the prefix's slot, freed when its last
+    user forks, must not go to a request admitted later in the same step before that copy."""
+    prefix = rand_prompts(1, 30, 30, seed=32)[0]
+    suffixes = [p[1:] for p in rand_prompts(2, 4, 9, seed=33)]
+    plain = rand_prompts(1, 12, 12, seed=34)[0]
+    ref = Engine(tiny_model).generate([prefix + s for s in suffixes] + [plain], _greedy(8))
+    engine = Engine(tiny_model, EngineConfig(block_size=16))
+    pid = engine.add_prefix(prefix)
+    engine.step()
+    ids = [engine.add_request(s, _greedy(8), prefix=pid) for s in suffixes] + [engine.add_request(plain, _greedy(8))]
+    engine.release_prefix(pid)
+    outs = {}
+    while engine.has_unfinished():
+        outs.update((o.request_id, o.token_ids) for o in engine.step())
+    assert [outs[i] for i in ids] == [o.token_ids for o in ref]
+    _assert_all_free(engine)
