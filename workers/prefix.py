@@ -87,3 +87,10 @@ class SharedPrefix:
         held.retired = True
         if held.users == 0:
             self.engine.release_prefix(held.pid)
+
+    def close(self) -> None:
+        """Let the current prefix go (freed once no unit uses it)."""
+        with self._lock:
+            if self._cur is not None:
+                self._retire(self._cur)
+                self._cur = None
