@@ -93,6 +93,7 @@ class KVCache:
         self._fork_slots: list[tuple[int, int]] = []   # (src, dst) slot copies queued by fork
         self._fork_blocks: list[tuple[int, int]] = []  # (src, dst) partly filled block copies
         self._deferred_free: list[int] = []  # slots freed while a queued fork reads them
+        self._fork_len = 0  # longest queued fork (ring entries to copy)
         # scratch: where padded lanes of a CUDA-graph decode write (never read by a sequence)
         self.scratch_slot = self.free_slots.pop(0)
         self.scratch_block = self.free_blocks.pop(0)
@@ -179,6 +180,7 @@ class KVCache:
             self._fork_blocks.append((src_blocks[full], b))
             blocks = blocks + [b]
         self._fork_slots.append((src, dst))
+        self._fork_len = max(self._fork_len, length)
         if blocks:
             self.block_table[dst, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         self.blocks_of[dst] = list(blocks)
@@ -191,15 +193,16 @@ class KVCache:
             src, dst = (torch.tensor(x, dtype=torch.long, device=dev) for x in zip(*self._fork_slots))
             self.conv[:, dst] = self.conv[:, src]
             self.ssm[:, dst] = self.ssm[:, src]
+            n = min(self._fork_len, self.ring_size)  # ring entries written so far (positions mod ring)
             for kind, k, v in self.kv.values():
                 if kind == "ring":
-                    k[dst], v[dst] = k[src], v[src]
+                    k[dst, :n], v[dst, :n] = k[src, :n], v[src, :n]
         if self._fork_blocks:
             src, dst = (torch.tensor(x, dtype=torch.long, device=self.conv.device) for x in zip(*self._fork_blocks))
             for kind, k, v in self.kv.values():
                 if kind == "paged":  # whole blocks: entries past the prefix are never read before written
                     k[dst], v[dst] = k[src], v[src]
-        self._fork_slots, self._fork_blocks = [], []
+        self._fork_slots, self._fork_blocks, self._fork_len = [], [], 0
         deferred, self._deferred_free = self._deferred_free, []
         for slot in deferred:
             self.free(slot)
