@@ -94,6 +94,7 @@ def engine_only(ckpt: Path, inp: Path, a, device: str) -> dict:
         sp.close()  # free its slot: the next run starts clean
         return res
 
+    warm_decode_graphs(engine)  # every batch bucket captured before timing, so neither run pays for it
     results = {}
     for name, fn in (("unshared", unshared), ("shared", with_prefix)):
         fn(prompts[:16])  # warm-up (kernels, CUDA graphs)
@@ -110,6 +111,19 @@ def engine_only(ckpt: Path, inp: Path, a, device: str) -> dict:
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def warm_decode_graphs(engine: Engine) -> None:
+    """Capture the decode CUDA graph of every batch bucket (on the scratch slot only)."""
+    graphs = engine.runner.graphs
+    if graphs is None:
+        return
+    dev = engine.model.device
+    sizes = sorted({graphs.bucket(b) for b in range(1, graphs.max_batch + 1)})
+    for b in sizes:
+        slot = torch.full((b,), engine.cache.scratch_slot, dtype=torch.long, device=dev)
+        zeros = torch.zeros(b, dtype=torch.long, device=dev)
+        graphs.run(slot, zeros, zeros)
 
 
 def job(ckpt: Path, inp: Path, out: Path, a, share: bool, device: str) -> dict:
