@@ -71,6 +71,7 @@ class ActorPool:
         self.generation: list[int] = []
         self.restarts = 0
         self.retries = 0
+        self.drained_at: float | None = None  # wall time the last unit was handed out (tail start)
         self.actor_info: list[dict[str, str]] = []
         self.ready: list[bool] = []  # loaded its model and may get units
         self.starting: dict[Any, tuple[int, int]] = {}  # info() of replacements -> (actor, generation)
@@ -144,6 +145,7 @@ class ActorPool:
                     return None
             return None
 
+        self.drained_at = None
         while queue or inflight:
             while queue and not stop():
                 choice = pick()
@@ -156,6 +158,8 @@ class ActorPool:
                 ref = self.actors[idx].process.remote(unit)
                 inflight[ref] = (idx, self.generation[idx], unit)
                 load[idx] += 1
+            if not queue and self.drained_at is None:
+                self.drained_at = time.time()  # the tail begins: no unit left to hand out
             if not inflight and (stop() or not queue):
                 break  # stopped with units left, or done
             if not inflight and not self.starting:
@@ -207,6 +211,7 @@ class ActorPool:
                 else:
                     self.retries += 1
                     queue.appendleft(unit)
+                    self.drained_at = None
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -11,6 +11,11 @@ only when an eighth of the slots is free or the admissible prompts fill half a p
 Otherwise, in a stream of requests that finish one by one, every decode step would be followed
 by a prefill step of one or two prompts, paying a whole step's fixed cost for a few tokens.
 
+``max_chunk_tokens`` caps one sequence's chunk in a step. The selective scan runs each sequence's
+tokens in order, so a step lasts as long as its longest chunk's scan: capping it keeps a step of
+mixed lengths as short as a step of uniform ones (the rest of the long prompt runs in the next
+steps, beside other sequences).
+
 Prefixes (design.md §3, "forking a sequence"): a ``Prefix`` is computed by a sequence like any
 other (queued, prefilled in chunks, preemptible) that samples nothing; once complete its slot is
 pinned. A sequence that starts from a prefix waits until the prefix is pinned, then takes a slot
@@ -89,9 +94,10 @@ class DecodeBatch:
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, max_batch_tokens: int):
+    def __init__(self, cache: KVCache, max_batch_tokens: int, max_chunk_tokens: int | None = None):
         self.cache = cache
         self.max_batch_tokens = max_batch_tokens
+        self.max_chunk_tokens = max_chunk_tokens or max_batch_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: dict[Sequence, None] = {}  # an ordered set: admission order, O(1) removal
         self.admit_slots = max(1, (cache.shape.num_slots - 1) // 8)
@@ -185,7 +191,7 @@ class Scheduler:
         return self._decode()
 
     def _chunk(self, batch: PrefillBatch, seq: Sequence, budget: int) -> int:
-        n = min(seq.pending, budget)
+        n = min(seq.pending, budget, self.max_chunk_tokens)
         if not self.cache.reserve_blocks(seq.slot, seq.num_cached + n):
             return 0
         batch.seqs.append(seq)

@@ -9,12 +9,6 @@ from hymba_batch.model.costs import cache_bytes
 from hymba_batch.model.engine import Engine, EngineConfig, SamplingParams
 
 
-@pytest.fixture(params=["sdpa", "triton"])
-def prefill_attention(request, monkeypatch):
-    monkeypatch.setenv("HYMBA_PREFILL_ATTENTION", request.param)
-    return request.param
-
-
 def _greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, ignore_eos=True)
 
@@ -28,15 +22,15 @@ def _assert_all_free(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize("prefix_len", [37, 16, 5])  # past the window, not a block multiple; one block; short
-def test_shared_prefix_equals_whole_prompts_in_a_mixed_batch(tiny_model, rand_prompts, prefill_attention,
-                                                             prefix_len):
+@pytest.mark.parametrize("max_chunk_tokens", [None, 7])  # 7: suffixes and the prefix cut into chunks
+def test_shared_prefix_equals_whole_prompts_in_a_mixed_batch(tiny_model, rand_prompts, max_chunk_tokens, prefix_len):
     prefix = rand_prompts(1, prefix_len, prefix_len, seed=20)[0]
     suffixes = [p[1:] for p in rand_prompts(5, 2, 25, seed=21)]
     others = rand_prompts(3, 3, 40, seed=22)  # requests without the prefix in the same batch
     full = [prefix + s for s in suffixes] + others
     ref = [o.token_ids for o in Engine(tiny_model, EngineConfig(block_size=16)).generate(full, _greedy(10))]
 
-    engine = Engine(tiny_model, EngineConfig(block_size=16))
+    engine = Engine(tiny_model, EngineConfig(block_size=16, max_chunk_tokens=max_chunk_tokens))
     pid = engine.add_prefix(prefix)
     ids = [engine.add_request(s, _greedy(10), prefix=pid) for s in suffixes[:3]]
     ids += [engine.add_request(p, _greedy(10)) for p in others]
