@@ -154,7 +154,7 @@ def main() -> None:
     a = ap.parse_args()
     device = "cpu" if a.tiny or not torch.cuda.is_available() else "cuda"
     if a.tiny:
-        a.rows, a.row_words, a.new_tokens, a.rows_per_unit, a.in_flight = 48, 40, 4, 16, 2
+        a.rows, a.row_words, a.shots, a.new_tokens, a.rows_per_unit, a.in_flight = 24, 30, 4, 4, 8, 2
     a.template = few_shot_template(a.shots, a.shot_words)
     work = Path(a.workdir)
     shutil.rmtree(work, ignore_errors=True)
