@@ -259,6 +259,8 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of each workload's prompts")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--baselines", action="store_true")
+    ap.add_argument("--hf-caches", default="", help="transformers cache per workload, e.g. S=dynamic,G=static "
+                    "(default: both, the faster one counts)")
     ap.add_argument("--actors", default="", help="comma list of engines per GPU, e.g. 1,2,4,8")
     ap.add_argument("--actor-prompts", type=int, default=1024)
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
@@ -327,10 +329,11 @@ def main() -> None:
         gc.collect()  # the engine's CUDA graphs and caches sit in reference cycles
         torch.cuda.empty_cache()
     if a.baselines:
+        hf_caches = dict(kv.split("=") for kv in a.hf_caches.split(",")) if a.hf_caches else {}
         for name in ("S", "G"):
             _, plen, new = WORKLOADS[name]
             best = None
-            for cache in ("dynamic", "static"):
+            for cache in [hf_caches[name]] if name in hf_caches else ("dynamic", "static"):
                 try:
                     r = hf_llama_baseline(plen, new, n=128, batch=128, cache=cache)
                 except Exception as e:  # recorded, not hidden: the JSON says which setting failed

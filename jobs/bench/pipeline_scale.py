@@ -172,7 +172,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=2048, help="task.max_input_tokens (longer rows truncated)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rows-per-unit", type=int, default=1024)
-    ap.add_argument("--in-flight", type=int, default=3)
+    ap.add_argument("--in-flight", type=int, default=None, help="resources.max_in_flight (default: auto)")
     ap.add_argument("--gpus", default="1,2")
     ap.add_argument("--actors-per-gpu", default="1,2,4")
     ap.add_argument("--workdir", default="/tmp/hymba-scale")

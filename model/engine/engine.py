@@ -42,7 +42,8 @@ class EngineConfig:
     memory_fraction: float = 0.9            # of the GPU's memory this engine may use in all
     max_num_seqs: int = 4096                # sequences resident at once (cache slots)
     max_batch_tokens: int = 8192            # prompt tokens per prefill step
-    max_chunk_tokens: int | None = None     # one sequence's tokens per prefill step (None: no cap)
+    max_chunk_tokens: int | None = 1024     # one sequence's tokens per prefill step (None: no cap;
+                                            # measured: see scheduler.py)
     block_size: int = 64                    # tokens per paged block (global layers)
     ssm_state_dtype: torch.dtype = torch.float32
     expected_context: int = 2048            # tokens a sequence is sized for when planning blocks
