@@ -136,8 +136,10 @@ def fingerprint_parts(spec: JobSpec, files: list[InputFile] | None) -> dict[str,
         "model": _model_identity(spec.model.path) | {"dtype": spec.model.dtype},
         "prompt": t.model_dump(include={"kind", "prompt", "template", "system", "chat", "max_input_tokens",
                                         "truncation"}) | {"text_column": spec.input.text_column,
-                                                          "id_column": spec.input.id_column},
-        "sampling": t.model_dump(include={"max_new_tokens", "temperature", "top_p", "top_k", "seed"}),
+                                                          "id_column": spec.input.id_column}
+        | ({"long_input": t.long_input} if t.long_input != "truncate" else {}),
+        "sampling": t.model_dump(include={"max_new_tokens", "temperature", "top_p", "top_k", "seed"})
+        | ({"n": t.n} if t.n != 1 else {}),
         "input": inp,
         "output": spec.output.model_dump(include={"format", "mode"}),
         **_enrich_parts(spec),
@@ -158,6 +160,11 @@ def _enrich_parts(spec: JobSpec) -> dict[str, Any]:
     return {"enrich": used} if used else {}
 
 
+def _extra_columns(spec: JobSpec) -> set[str]:
+    """Output columns this job adds beyond the standard ones (an input column may not have their name)."""
+    return ({"samples"} if spec.task.n > 1 else set()) | ({"chunks"} if spec.task.long_input == "map_reduce" else set())
+
+
 def plan_job(spec: JobSpec, files: list[InputFile] | None = None, incremental: bool = False) -> Plan:
     """List the input (or take ``files``), read footers, check columns, cut units, fingerprint."""
     files = list_input_files(spec.input.uri) if files is None else files
@@ -170,7 +177,7 @@ def plan_job(spec: JobSpec, files: list[InputFile] | None = None, incremental: b
     if spec.input.messages_column:
         required.add(spec.input.messages_column)
         text_column = None
-    reserved = set(RESERVED_COLUMNS) | set(enrich_config(spec).column_names())
+    reserved = set(RESERVED_COLUMNS) | set(enrich_config(spec).column_names()) | _extra_columns(spec)
     for f, m in zip(files, metas):
         check_schema(f, m, text_column, required, reserved)
     units = plan_units(files, metas, spec.input.rows_per_unit)
@@ -192,14 +199,15 @@ def actor_config(spec: JobSpec, device: str, actors_per_gpu: int, job_id: str = 
         prompt=PromptConfig(kind=t.kind, text_column=None if spec.input.messages_column else spec.input.text_column,
                             prompt=_prompt_text(spec), template=t.template, system=t.system, chat=t.chat,
                             max_input_tokens=t.max_input_tokens, truncation=t.truncation,
-                            messages_column=spec.input.messages_column),
+                            messages_column=spec.input.messages_column, long_input=t.long_input),
         output=OutputConfig(uri=spec.output.uri, format=spec.output.format, mode=spec.output.mode,
                             id_column=spec.input.id_column),
         sampling=SamplingConfig(max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p,
                                 top_k=t.top_k, seed=t.seed, min_new_tokens=t.min_new_tokens,
                                 repetition_penalty=t.repetition_penalty, presence_penalty=t.presence_penalty,
-                                frequency_penalty=t.frequency_penalty),
+                                frequency_penalty=t.frequency_penalty, n=t.n),
         enrich=enrich_config(spec),
+        share_prefix=t.share_prefix,
         job_id=job_id,
     )
 

@@ -137,9 +137,24 @@ class TaskSpec(_Strict):
         if v is not None and any(not x for x in v):
             raise ValueError("stop strings must be non-empty")
         return v
+    long_input: Literal["truncate", "map_reduce"] = Field(
+        "truncate", description="A text whose prompt exceeds max_input_tokens: truncate it (task.truncation), or "
+                                "map_reduce: cut it into chunks that fit (at paragraph, else sentence boundaries), "
+                                "run the job's prompt on each, then on the joined results, until it fits; the row "
+                                "gets one result and the column `chunks` (how many pieces).")
+    share_prefix: bool = Field(True, description="Compute the prompt tokens every row starts with (chat header, "
+                                                 "system message, instruction, few-shot examples) once per engine "
+                                                 "and fork each row from them; found automatically as the rows' "
+                                                 "longest common token prefix. Output is the same either way.")
+    n: int = Field(1, ge=1, le=16, description="Samples per row: the prompt is prefilled once and forked into n "
+                                               "sequences; the texts go to the list column `samples` "
+                                               "(`generated_text` keeps the first). n > 1 needs temperature > 0.")
 
     @model_validator(mode="after")
     def _check(self) -> "TaskSpec":
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"task.n is {self.n}: several samples need task.temperature > 0 "
+                             "(greedy samples would all be the same)")
         if self.kind == "template":
             if not self.template:
                 raise ValueError("task.template is required when task.kind is 'template'")
@@ -245,6 +260,8 @@ class JobSpec(_Strict):
                 raise ValueError("input.messages_column needs task.chat: true (the chat template renders it)")
         elif self.task.kind != "template" and not self.input.text_column:
             raise ValueError(f"input.text_column is required when task.kind is {self.task.kind!r}")
+        if self.task.long_input == "map_reduce" and not self.input.text_column:
+            raise ValueError("input.text_column is required when task.long_input is 'map_reduce' (the text to cut)")
         return self
 
 

@@ -43,6 +43,7 @@ class PromptConfig:
     max_input_tokens: int | None = None
     truncation: str = "middle"  # head | middle | tail | error
     messages_column: str | None = None  # a list<struct<role, content>> column: the chat itself
+    long_input: str = "truncate"  # truncate (by ``truncation``) | map_reduce (pipeline/longdoc.py)
 
 
 @dataclass
@@ -138,6 +139,18 @@ class PromptBuilder:
                 out[i] = self._fit(rows[i], bodies[i] or "", len(ids))
         return [p if p is not None else Prompt(None, error="internal: no prompt built") for p in out]
 
+    def body(self, row: dict[str, Any]) -> str:
+        """The row's text (the part a long prompt loses or is cut into); ValueError for a bad row."""
+        return self._body(row)
+
+    def encode(self, row: dict[str, Any], body: str) -> list[int]:
+        """Token ids of the row's whole prompt with ``body`` as its text."""
+        return self._encode(row, body)
+
+    def fit(self, row: dict[str, Any], body: str, n_tokens: int) -> Prompt:
+        """A prompt of ``n_tokens`` cut to the limit under the job's truncation policy."""
+        return self._fit(row, body, n_tokens)
+
     def _encode(self, row: dict[str, Any], body: str) -> list[int]:
         return self.codec.encode_prompts([self._full_text(self._message(row, body))], self.cfg.chat)[0]
 
@@ -197,3 +210,10 @@ def row_seed(base_seed: int, source_file: str, source_row: int, row_id: Any = No
     """A per-row sampling seed from the job seed and the row's identity (not its batch)."""
     key = f"{base_seed}\0{source_file}\0{source_row}" if row_id is None else f"{base_seed}\0id\0{row_id!r}"
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of sample ``sample`` of a row whose seed is ``seed`` (sample 0 keeps the row's)."""
+    if sample == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}\0sample\0{sample}".encode()).digest()[:4], "big") & 0x7FFFFFFF

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .enrich import EnrichConfig, Enricher
 from .fs import exists, resolve
+from .longdoc import MapReduce
 from .prompts import PromptBuilder, PromptConfig, row_seed
 from .reader import read_unit, text_values
 from .shards import WorkUnit
@@ -45,6 +46,7 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    n: int = 1  # samples per row, forked from one prefill (list column ``samples``)
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Generation:
     error: str | None = None
     logprobs: list[float] | None = None  # per token, when asked for (enrich.RequestOptions)
     scores: list[float] | None = None    # classify: each label's log-likelihood
+    samples: list[list[int]] | None = None  # with n > 1: every sample's ids (token_ids is the first)
 
 
 # prompts, per-row seeds[, per-request enrich.RequestOptions] -> one Generation per prompt, in order
@@ -128,23 +131,34 @@ class UnitRunner:
             for row, v in zip(rows, text_values(table, cfg.text_column, unit.file.uri)):
                 row[cfg.text_column] = v
         t1 = time.perf_counter()
-        prompts = self.prompts.build_batch(rows)
-        todo = [i for i, p in enumerate(prompts) if p.token_ids is not None]
         id_col = self.output.id_column
-        seeds = [row_seed(self.sampling.seed, unit.file.uri, unit.row_start + i,
-                          rows[i].get(id_col) if id_col else None) for i in todo]
-        t2 = time.perf_counter()
-        todo_prompts: list[list[int]] = [prompts[i].token_ids for i in todo]  # type: ignore[misc]
-        if not todo:
-            gens = []
-        elif self.enricher is not None:
-            gens = self.enricher.run(self.generate, todo_prompts, seeds)  # type: ignore[arg-type]
+        chunks: list[int | None] = []
+        if cfg.long_input == "map_reduce":  # long texts summarized in pieces (pipeline/longdoc.py)
+            all_seeds = [row_seed(self.sampling.seed, unit.file.uri, unit.row_start + i,
+                                  rows[i].get(id_col) if id_col else None) for i in range(len(rows))]
+            t2 = time.perf_counter()  # the rounds are generation time
+            prompts, final, chunks = MapReduce(self.prompts, self.generate).run(rows, all_seeds)
+            todo = [i for i, g in enumerate(final) if g is not None]
+            gens = [final[i] for i in todo]
         else:
-            gens = self.generate(todo_prompts, seeds)
+            prompts = self.prompts.build_batch(rows)
+            todo = [i for i, p in enumerate(prompts) if p.token_ids is not None]
+            seeds = [row_seed(self.sampling.seed, unit.file.uri, unit.row_start + i,
+                              rows[i].get(id_col) if id_col else None) for i in todo]
+            t2 = time.perf_counter()
+            todo_prompts: list[list[int]] = [prompts[i].token_ids for i in todo]  # type: ignore[misc]
+            if not todo:
+                gens = []
+            elif self.enricher is not None:
+                gens = self.enricher.run(self.generate, todo_prompts, seeds)  # type: ignore[arg-type]
+            else:
+                gens = self.generate(todo_prompts, seeds)
         if len(gens) != len(todo):
             raise RuntimeError(f"generate returned {len(gens)} outputs for {len(todo)} prompts")
         t3 = time.perf_counter()
         results = [RowResult(finish_reason="error", error=p.error, truncated=p.truncated) for p in prompts]
+        for r, c in zip(results, chunks):
+            r.chunks = c
         for i, g in zip(todo, gens):
             r = results[i]
             r.prompt_tokens = g.prompt_tokens or len(prompts[i].token_ids or [])
@@ -153,6 +167,9 @@ class UnitRunner:
             else:
                 r.generated_text = self.codec.decode(g.token_ids)
                 r.finish_reason, r.completion_tokens, r.error = g.finish_reason, len(g.token_ids), None
+                if g.samples is not None:  # task.n > 1: every sample's text; tokens of all of them
+                    r.samples = [self.codec.decode(x) for x in g.samples]
+                    r.completion_tokens = sum(len(x) for x in g.samples)
         extra = self.enricher.finish(results, todo, gens) if self.enricher is not None else None
         res = UnitResult(
             unit.unit_id, rows=len(results),
@@ -162,7 +179,8 @@ class UnitRunner:
             completion_tokens=sum(r.completion_tokens for r in results),
             worker=dict(worker or {}),
         )
-        out = output_table(table, results, unit, self.output.mode, id_col, extra)
+        row_fields = (("samples",) if self.sampling.n > 1 else ()) + (("chunks",) if cfg.long_input == "map_reduce" else ())
+        out = output_table(table, results, unit, self.output.mode, id_col, extra, row_fields)
         t4 = time.perf_counter()
         res.timings = {"read_s": t1 - t0, "prompt_s": t2 - t1, "generate_s": t3 - t2,
                        "build_s": t4 - t3}

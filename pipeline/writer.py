@@ -33,6 +33,8 @@ OUTPUT_SCHEMA = pa.schema([
     ("_source_file", pa.string()),
     ("_source_row", pa.int64()),
 ])
+# columns some tasks add after OUTPUT_SCHEMA's (task.n > 1: samples; task.long_input map_reduce: chunks)
+EXTRA_COLUMNS = {"samples": pa.list_(pa.string()), "chunks": pa.int32()}
 RESERVED_COLUMNS = frozenset(OUTPUT_SCHEMA.names)
 EXTENSIONS = {"parquet": "parquet", "arrow": "arrow"}
 
@@ -47,6 +49,8 @@ class RowResult:
     completion_tokens: int = 0
     truncated: bool = False
     error: str | None = None
+    samples: list[str] | None = None  # task.n > 1
+    chunks: int | None = None         # task.long_input map_reduce: pieces the text was cut into
 
 
 def part_name(unit_id: str, fmt: str) -> str:
@@ -66,8 +70,10 @@ def unit_id_of(name: str) -> str | None:
 
 
 def output_table(inputs: pa.Table, results: list[RowResult], unit: WorkUnit, mode: str,
-                 id_column: str | None, extra: dict[str, pa.Array] | None = None) -> pa.Table:
+                 id_column: str | None, extra: dict[str, pa.Array] | None = None,
+                 row_fields: tuple[str, ...] = ()) -> pa.Table:
     """The unit's output rows: identity or input columns, then the generated columns, then the
+    ``row_fields`` (names in EXTRA_COLUMNS, from the RowResult field of that name), then the
     ``extra`` columns of the job's enrichment (pipeline/enrich.py: structured, label, ...)."""
     if len(results) != inputs.num_rows:
         raise ValueError(f"{len(results)} results for {inputs.num_rows} rows of unit {unit.unit_id}")
@@ -88,12 +94,15 @@ def output_table(inputs: pa.Table, results: list[RowResult], unit: WorkUnit, mod
         "_source_file": [unit.file.uri] * n,
         "_source_row": list(range(unit.row_start, unit.row_end)),
     }
-    arrays = [pa.array(cols[f.name], type=f.type) for f in OUTPUT_SCHEMA]
+    fields = list(OUTPUT_SCHEMA) + [pa.field(name, EXTRA_COLUMNS[name]) for name in row_fields]
+    for name in row_fields:
+        cols[name] = [getattr(r, name) for r in results]
+    arrays = [pa.array(cols[f.name], type=f.type) for f in fields]
     if base.num_columns == 0:
-        out = pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
+        out = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
     else:
         out = base
-        for f, a in zip(OUTPUT_SCHEMA, arrays):
+        for f, a in zip(fields, arrays):
             out = out.append_column(f, a)
     for name, a in (extra or {}).items():
         out = out.append_column(pa.field(name, a.type), a)

@@ -24,10 +24,11 @@ import sys
 from dataclasses import dataclass
 
 from hymba_batch.pipeline.enrich import EnrichConfig, RequestOptions
-from hymba_batch.pipeline.prompts import PromptConfig
+from hymba_batch.pipeline.prompts import PromptConfig, sample_seed
 from hymba_batch.pipeline.shards import WorkUnit
 from hymba_batch.pipeline.tokenizer import load_codec
 from hymba_batch.pipeline.unit import Generation, OutputConfig, SamplingConfig, UnitResult, UnitRunner
+from hymba_batch.workers.prefix import SharedPrefix
 
 from .metrics import ActorMetrics, actor_label
 
@@ -55,6 +56,7 @@ class ActorConfig:
     cpu_threads: int | None = None
     enrich: EnrichConfig | None = None  # JSON schema, classify labels, stop strings, logprobs
     job_id: str = ""  # the ``job`` tag of this actor's metrics
+    share_prefix: bool = True  # fork every request from the job's common prompt prefix (workers/prefix.py)
 
 
 def request_params(s: SamplingConfig, seeds: list[int], options: list[RequestOptions] | None,
@@ -152,6 +154,7 @@ class InferenceActor:
             ekw["max_batch_tokens"] = cfg.max_batch_tokens
         self.engine = Engine(self.model, EngineConfig(**ekw))
         self.frontend = ThreadedEngine(self.engine)  # units in flight share one continuous batch
+        self.prefix = SharedPrefix(self.frontend) if cfg.share_prefix else None
         _engine_fault_hook(self.engine)
         shape = self.engine.cache.shape
         capacity = ((shape.num_blocks - 1) * shape.block_size  # one sequence alone, minus the scratch block
@@ -177,9 +180,25 @@ class InferenceActor:
 
     def _generate(self, prompts: list[list[int]], seeds: list[int],
                   options: list[RequestOptions] | None = None) -> list[Generation]:
-        params = request_params(self.cfg.sampling, seeds, options, self.codec.eos_token_id)
+        n = max(1, self.cfg.sampling.n)
+        opts = options if options is not None else [RequestOptions()] * len(seeds)
+        params = request_params(self.cfg.sampling, [sample_seed(seed, j) for seed in seeds for j in range(n)],
+                                [o for o in opts for _ in range(n)], self.codec.eos_token_id)
+        held, rest = self.prefix.split(prompts) if self.prefix else (None, prompts)
+        job_pid = held.pid if held else None
+        row_pids: list[int] = []
         try:
-            outs = self.frontend.generate(prompts, params)
+            if n == 1:
+                reqs, pids = rest, [job_pid] * len(rest)
+            else:  # each prompt but its last token computed once, its n samples forked from it
+                reqs, pids = [], []
+                for r in rest:
+                    pid = self.frontend.add_prefix(r[:-1], job_pid) if len(r) > 1 else job_pid
+                    if len(r) > 1:
+                        row_pids.append(pid)
+                    reqs += [r[-1:] if len(r) > 1 else r] * n
+                    pids += [pid] * n
+            outs = self.frontend.generate(reqs, params, pids, release=tuple(row_pids))
         except Exception as e:
             if self.frontend.error is not None:
                 # The engine itself failed (a CUDA error poisons the process's context): exit so
@@ -188,11 +207,21 @@ class InferenceActor:
                       file=sys.stderr, flush=True)
                 os._exit(ENGINE_FAILED_EXIT)
             raise
-        return generations(outs)
+        finally:
+            if self.prefix:
+                self.prefix.done(held)
+        gens = generations(outs)
+        if n == 1:
+            return gens
+        rows = [gens[i:i + n] for i in range(0, len(gens), n)]
+        return [Generation(g[0].token_ids, g[0].finish_reason, g[0].prompt_tokens,
+                           next((x.error for x in g if x.error), None), logprobs=g[0].logprobs,
+                           samples=[x.token_ids for x in g]) for g in rows]
 
     def _generate_stats(self) -> dict[str, float]:
         """Engine counters when a unit's generation ended (cumulative for this engine)."""
-        return {"engine_preemptions": float(self.engine.scheduler.num_preemptions)}
+        return {"engine_preemptions": float(self.engine.scheduler.num_preemptions),
+                "engine_forked_tokens": float(self.engine.scheduler.forked_tokens)}
 
     def info(self) -> dict[str, str]:
         """Where this actor runs (node, pid, device) and its engine's sequence slots."""

@@ -9,6 +9,12 @@
 - consumer layers store nothing.
 
 Owns allocation of slots and blocks and the exact byte count (checked against costs.py).
+
+Forking (design.md §3): ``fork(src, dst, length)`` starts slot ``dst`` from the state of slot
+``src`` after its first ``length`` tokens: the fixed-size parts (conv + SSM state, the
+sliding-window rings) are copied, the global layers' full blocks are shared by reference count,
+and a partly filled last block is copied (the fork writes its next tokens there). A block goes
+back to the free list when its last holder frees it.
 """
 
 from __future__ import annotations
@@ -83,9 +89,15 @@ class KVCache:
         self.free_slots = list(range(S - 1, -1, -1))
         self.free_blocks = list(range(shape.num_blocks - 1, -1, -1))
         self.blocks_of: dict[int, list[int]] = {}
+        self.refs = [0] * shape.num_blocks  # holders of each block (slots; forks share full blocks)
+        self._fork_slots: list[tuple[int, int]] = []   # (src, dst) slot copies queued by fork
+        self._fork_blocks: list[tuple[int, int]] = []  # (src, dst) partly filled block copies
+        self._deferred_free: list[int] = []  # slots freed while a queued fork reads them
+        self._fork_len = 0  # longest queued fork (ring entries to copy)
         # scratch: where padded lanes of a CUDA-graph decode write (never read by a sequence)
         self.scratch_slot = self.free_slots.pop(0)
         self.scratch_block = self.free_blocks.pop(0)
+        self.refs[self.scratch_block] = 1
         self.block_table[self.scratch_slot] = self.scratch_block
 
     # ---- meta tokens: once per model -----------------------------------------------------
@@ -125,13 +137,75 @@ class KVCache:
         if need > len(self.free_blocks) or len(have) + need > self.max_blocks_per_seq:
             return False
         new = [self.free_blocks.pop() for _ in range(need)]
+        for b in new:
+            self.refs[b] = 1
         self.block_table[slot, len(have):len(have) + need] = torch.tensor(new, dtype=torch.int32)
         have.extend(new)
         return True
 
     def free(self, slot: int) -> None:
-        self.free_blocks.extend(reversed(self.blocks_of.pop(slot)))
+        if any(s == slot for s, _ in self._fork_slots):  # a queued fork still reads it
+            self._deferred_free.append(slot)
+            return
+        self._fork_slots = [(s, d) for s, d in self._fork_slots if d != slot]
+        freed = []
+        for b in reversed(self.blocks_of.pop(slot)):
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self.free_blocks.append(b)
+                freed.append(b)
+        if freed and self._fork_blocks:
+            self._fork_blocks = [(s, d) for s, d in self._fork_blocks if d not in freed]
         self.free_slots.append(slot)
+
+    def fork(self, src: int, dst: int, length: int) -> bool:
+        """Make the freshly allocated slot ``dst`` continue from slot ``src`` after its first
+        ``length`` tokens (``src`` must not write below ``length`` while forks live). False,
+        changing nothing, when no block is free for a partly filled last block. The block tables
+        change now; the state copies are queued for ``apply_forks`` (one batched copy a step)."""
+        bs = self.shape.block_size
+        full, partial = divmod(length, bs)
+        src_blocks = self.blocks_of[src]
+        if len(src_blocks) < full + (partial > 0):
+            raise ValueError(f"slot {src} holds {len(src_blocks)} blocks, not {length} tokens")
+        if partial and not self.free_blocks:
+            return False
+        assert not self.blocks_of[dst], "fork into a slot that already holds blocks"
+        blocks = src_blocks[:full]
+        for b in blocks:
+            self.refs[b] += 1
+        if partial:
+            b = self.free_blocks.pop()
+            self.refs[b] = 1
+            self._fork_blocks.append((src_blocks[full], b))
+            blocks = blocks + [b]
+        self._fork_slots.append((src, dst))
+        self._fork_len = max(self._fork_len, length)
+        if blocks:
+            self.block_table[dst, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self.blocks_of[dst] = list(blocks)
+        return True
+
+    def apply_forks(self) -> None:
+        """Copy the queued forks' state: conv + SSM slots, rings, partly filled last blocks."""
+        if self._fork_slots:
+            dev = self.conv.device
+            src, dst = (torch.tensor(x, dtype=torch.long, device=dev) for x in zip(*self._fork_slots))
+            self.conv[:, dst] = self.conv[:, src]
+            self.ssm[:, dst] = self.ssm[:, src]
+            n = min(self._fork_len, self.ring_size)  # ring entries written so far (positions mod ring)
+            for kind, k, v in self.kv.values():
+                if kind == "ring":
+                    k[dst, :n], v[dst, :n] = k[src, :n], v[src, :n]
+        if self._fork_blocks:
+            src, dst = (torch.tensor(x, dtype=torch.long, device=self.conv.device) for x in zip(*self._fork_blocks))
+            for kind, k, v in self.kv.values():
+                if kind == "paged":  # whole blocks: entries past the prefix are never read before written
+                    k[dst], v[dst] = k[src], v[src]
+        self._fork_slots, self._fork_blocks, self._fork_len = [], [], 0
+        deferred, self._deferred_free = self._deferred_free, []
+        for slot in deferred:
+            self.free(slot)
 
     @property
     def has_global_layers(self) -> bool:

@@ -7,6 +7,12 @@
 
 ``add_request`` / ``step`` give callers continuous batching; ``stream`` keeps the device full
 from an iterator of any length while holding at most ``max_waiting`` requests in memory.
+
+Shared prefixes: ``pid = engine.add_prefix(ids)`` queues ``ids`` to be computed once (one slot,
+pinned); ``add_request(suffix, params, prefix=pid)`` is the request ``ids + suffix`` whose state
+starts as a fork of the prefix's, so only ``suffix`` is prefilled; ``release_prefix(pid)`` lets
+the prefix go once the requests already added have forked from it. A prefix may itself start
+from another (``add_prefix(ids, parent=pid)``): n samples of a prompt under a job-wide prefix.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from .cache import KVCache, plan_cache
 from .constraints import advance_rows
 from .logits import LogitsProcessor
 from .runner import ModelRunner
-from .scheduler import DecodeBatch, Scheduler, Sequence
+from .scheduler import DecodeBatch, Prefix, Scheduler, Sequence
 
 
 class QueueFull(RuntimeError):
@@ -62,6 +68,8 @@ class Engine:
         self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_chunk_tokens)
         self.logits_processor = LogitsProcessor(cfg.vocab_size, self.eos, model.device)
         self._ids = itertools.count()
+        self._prefix_ids = itertools.count()
+        self._prefixes: dict[int, Prefix] = {}  # added and not yet released by their owner
         self._done: list[RequestOutput] = []  # finished outside a step (rejected requests)
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "prefill_s": 0.0, "decode_s": 0.0}
 
@@ -81,12 +89,50 @@ class Engine:
         return int(c.memory_fraction * total) - torch.cuda.memory_allocated(dev) - reserve
 
     # ---- requests -------------------------------------------------------------------------
-    def add_request(self, prompt: list[int], params: SamplingParams = SamplingParams()) -> int:
-        """Queue a request; returns its id. Raises QueueFull past ``max_waiting``."""
+    def add_prefix(self, token_ids: list[int], parent: int | None = None) -> int:
+        """Queue a shared prefix to be computed once; returns its id for ``add_request``. With
+        ``parent``, ``token_ids`` continue that prefix (the new prefix is ``parent + token_ids``)."""
+        base = self._prefix(parent)
+        tokens = (base.tokens if base else []) + list(token_ids)
+        vocab = self.model.config.vocab_size
+        if not token_ids:
+            raise ValueError("empty prefix")
+        if len(tokens) >= self.max_prompt_tokens:
+            raise ValueError(f"prefix has {len(tokens)} tokens; a prompt may have at most {self.max_prompt_tokens}")
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise ValueError(f"prefix has token ids outside [0, {vocab})")
+        pid = next(self._prefix_ids)
+        p = Prefix(pid, tokens)
+        seq = Sequence(-1 - pid, list(tokens), SamplingParams(max_new_tokens=1), 0, prefix=base, computes=p)
+        self.scheduler.add(seq)
+        self._prefixes[pid] = p
+        return pid
+
+    def release_prefix(self, prefix: int) -> None:
+        """The owner is done adding requests with ``prefix``: it is freed once they have forked."""
+        self.scheduler.release(self._prefix(prefix), owner=True)
+        del self._prefixes[prefix]
+
+    def _prefix(self, prefix: int | None) -> Prefix | None:
+        if prefix is None:
+            return None
+        if prefix not in self._prefixes:
+            raise ValueError(f"unknown or released prefix {prefix}")
+        return self._prefixes[prefix]
+
+    def add_request(self, prompt: list[int], params: SamplingParams = SamplingParams(),
+                    prefix: int | None = None) -> int:
+        """Queue a request; returns its id. Raises QueueFull past ``max_waiting``. With
+        ``prefix`` (from ``add_prefix``) the prompt is that prefix's tokens followed by ``prompt``."""
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFull(f"{self.config.max_waiting} requests already waiting")
+        p = self._prefix(prefix)
         rid = next(self._ids)
-        seq = Sequence(rid, list(prompt), params, params.seed if params.seed is not None else rid)
+        seed = params.seed if params.seed is not None else rid
+        if p is not None and not prompt:
+            self._done.append(RequestOutput(rid, [], "error", len(p.tokens), "empty prompt after the prefix"))
+            return rid
+        seq = Sequence(rid, (p.tokens if p else []) + list(prompt), params, seed, prefix=p)
         error = self._validate(seq)
         if error:
             self._done.append(RequestOutput(rid, [], "error", len(seq.prompt), error))
@@ -125,12 +171,15 @@ class Engine:
         finished, self._done = self._done, []
         batch = self.scheduler.schedule()
         for seq, error in self.scheduler.rejected:
+            if seq.computes is not None:  # a prefix that never fits: its users prefill it themselves
+                continue
             finished.append(RequestOutput(seq.request_id, seq.output, "error", len(seq.prompt), error))
         self.scheduler.rejected.clear()
         if batch is None:
             return finished
         self.stats["steps"] += 1
         t0 = time.perf_counter()
+        self.cache.apply_forks()  # state of the sequences forked from a prefix in this schedule
         kind = "decode_s" if isinstance(batch, DecodeBatch) else "prefill_s"
         if isinstance(batch, DecodeBatch):
             seqs = batch.seqs
@@ -151,6 +200,13 @@ class Engine:
             keep = [i for i, done in enumerate(batch.complete) if done]
             to_sample = [batch.seqs[i] for i in keep]
             logits = logits[keep] if len(keep) != len(batch.seqs) else logits
+        if any(s.computes is not None for s in to_sample):  # computed prefixes sample nothing
+            keep = [i for i, s in enumerate(to_sample) if s.computes is None]
+            for s in to_sample:
+                if s.computes is not None:
+                    self.scheduler.pin(s)
+            to_sample = [to_sample[i] for i in keep]
+            logits = logits[keep]
         if to_sample:
             finished += self._sample_and_update(to_sample, logits)  # syncs: the step is done
         self.stats[kind] += time.perf_counter() - t0
@@ -207,18 +263,19 @@ class Engine:
 
     # ---- blocking and offline modes -------------------------------------------------------
     def generate(self, prompts: list[list[int]],
-                 params: SamplingParams | list[SamplingParams] = SamplingParams()) -> list[RequestOutput]:
-        """Generate for every prompt; results in prompt order."""
+                 params: SamplingParams | list[SamplingParams] = SamplingParams(),
+                 prefix: int | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (each after ``prefix``, if given); results in prompt order."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
         results: list[RequestOutput | None] = [None] * len(prompts)
-        for i, out in self.stream(zip(prompts, plist)):
+        for i, out in self.stream((p, q, prefix) for p, q in zip(prompts, plist)):
             results[i] = out
         return results  # type: ignore[return-value]
 
-    def stream(self, requests: Iterable[tuple[list[int], SamplingParams]]) -> Iterator[tuple[int, RequestOutput]]:
-        """Offline mode: pull (prompt, params) from ``requests`` as room frees up, yield
+    def stream(self, requests: Iterable[tuple]) -> Iterator[tuple[int, RequestOutput]]:
+        """Offline mode: pull (prompt, params) or (prompt, params, prefix id) from ``requests`` as room frees up, yield
         (index in the input, output) as requests finish. Memory stays bounded by the cache
         plus ``2 x slots`` queued requests, whatever the length of the input."""
         it = enumerate(requests)
@@ -231,8 +288,8 @@ class Engine:
                 if nxt is None:
                     exhausted = True
                     break
-                i, (prompt, params) = nxt
-                index_of[self.add_request(prompt, params)] = i
+                i, (prompt, params, *prefix) = nxt
+                index_of[self.add_request(prompt, params, *prefix)] = i
             if exhausted and not self.has_unfinished():
                 return
             for out in self.step():

@@ -18,6 +18,14 @@ steps, beside other sequences). Measured on the H200 (jobs/bench/results/
 engine-chunk-caps-h200-2026-12-04.json, half-size M and L, one run each): with a cap of 1,024,
 M 75.1 docs/s (2,048: 72.5; no cap: 39.8 as the run's first workload, 58.8 at full size in an
 earlier run) and L 10.9 (2,048: 7.1; no cap: 9.1).
+
+Prefixes (design.md §3, "forking a sequence"): a ``Prefix`` is computed by a sequence like any
+other (queued, prefilled in chunks, preemptible) that samples nothing; once complete its slot is
+pinned. A sequence that starts from a prefix waits until the prefix is pinned, then takes a slot
+forked from it (``KVCache.fork``) and prefills only the tokens after it. A prefix lives while it
+has holders (its owner, and queued sequences that have not forked yet); when the last lets go its
+slot is freed. A sequence whose prefix is gone (preempted after the prefix was freed) prefills
+its whole prompt, which gives the same tokens.
 """
 
 from __future__ import annotations
@@ -30,6 +38,22 @@ from .cache import KVCache
 
 
 @dataclass(eq=False)
+class Prefix:
+    """Token ids whose state is computed once and forked into the sequences that start with them."""
+
+    prefix_id: int
+    tokens: list[int]
+    holds: int = 1           # the owner, plus queued sequences that will fork from it
+    slot: int | None = None  # pinned once computed
+    freed: bool = False      # no holder left (or it never fit): sequences prefill it themselves
+    owned: bool = True       # its owner has not released it yet
+
+    @property
+    def ready(self) -> bool:
+        return self.slot is not None
+
+
+@dataclass(eq=False)
 class Sequence:
     request_id: int
     prompt: list[int]
@@ -39,6 +63,9 @@ class Sequence:
     slot: int | None = None
     num_cached: int = 0  # tokens of prompt + output already in the cache
     logprobs: list[float] = field(default_factory=list)  # per output token, when params.logprobs
+    prefix: Prefix | None = None    # the prompt starts with these tokens: fork from them
+    computes: Prefix | None = None  # this sequence computes that prefix (and samples nothing)
+    holds_prefix: bool = False      # counted in ``prefix.holds`` until it forks
 
     @property
     def tokens(self) -> list[int]:
@@ -80,9 +107,83 @@ class Scheduler:
         self.admit_slots = max(1, (cache.shape.num_slots - 1) // 8)
         self.num_preemptions = 0
         self.rejected: list[tuple[Sequence, str]] = []  # requests that can never fit the cache
+        self.forked_tokens = 0  # prompt tokens taken from a prefix instead of being prefilled
+        self.pinned: dict[Prefix, None] = {}  # computed prefixes holding a slot
+        self.max_prefix_slots = (cache.shape.num_slots - 2) // 2  # of the usable slots (not the scratch)
+        self.lookahead = 4 * cache.shape.num_slots  # waiting sequences looked past per step
 
     def add(self, seq: Sequence) -> None:
+        if seq.computes is not None and self.max_prefix_slots == 0:  # too few slots to pin one
+            seq.computes.freed = True
+            seq.computes.owned = False
+            return
+        if seq.prefix is not None and not seq.prefix.freed:
+            seq.prefix.holds += 1
+            seq.holds_prefix = True
         self.waiting.append(seq)
+
+    # ---- prefixes -----------------------------------------------------------------------------
+    def release(self, prefix: Prefix, owner: bool = False) -> None:
+        """One holder lets go (``owner``: the one that added it); the last one frees its slot."""
+        prefix.holds -= 1
+        prefix.owned = prefix.owned and not owner
+        if prefix.holds <= 0 and not prefix.freed:
+            prefix.freed = True
+            if prefix.slot is not None:
+                self.cache.free(prefix.slot)
+                del self.pinned[prefix]
+                prefix.slot = None
+
+    def pin(self, seq: Sequence) -> None:
+        """``seq`` finished computing its prefix: its slot becomes the prefix's."""
+        p = seq.computes
+        assert p is not None and seq.pending == 0
+        del self.running[seq]
+        if seq.holds_prefix:
+            self._let_go(seq)
+        if p.freed:  # nobody holds it any more
+            self.cache.free(seq.slot)
+        else:
+            p.slot = seq.slot
+            self.pinned[p] = None
+        seq.slot = None
+
+    def drop(self, seq: Sequence) -> None:
+        """A rejected sequence: its prefix hold, and a prefix it would compute, go."""
+        if seq.holds_prefix:
+            self._let_go(seq)
+        if seq.computes is not None and not seq.computes.freed:
+            seq.computes.freed = True
+
+    def _let_go(self, seq: Sequence) -> None:
+        seq.holds_prefix = False
+        self.release(seq.prefix)
+
+    def _must_wait(self, seq: Sequence, held: int) -> bool | None:
+        """True: ``seq`` waits for its prefix to be computed, or (computing a prefix itself) for
+        prefix slots to come back; None: it computes a prefix that no slot will come back for."""
+        p = seq.prefix
+        if p is not None and not p.freed and not p.ready:
+            return True
+        if seq.computes is None or held < self.max_prefix_slots:
+            return False
+        # at most half the slots hold prefixes (forks need the rest); wait if one will be freed
+        if any(not q.owned for q in self.pinned) or any(
+                s.computes is not None and not s.computes.owned for s in self.running):
+            return True
+        return None
+
+    def _start(self, seq: Sequence) -> bool:
+        """Set up a newly slotted sequence's cache: forked from its prefix when that is pinned.
+        False: no block for the fork now."""
+        p = seq.prefix
+        if p is None or p.freed:
+            return True
+        if not self.cache.fork(p.slot, seq.slot, len(p.tokens)):
+            return False
+        seq.num_cached = len(p.tokens)
+        self.forked_tokens += len(p.tokens)
+        return True
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -111,25 +212,39 @@ class Scheduler:
                 budget -= self._chunk(batch, seq, budget)
         if not self._worth_admitting(budget):
             return batch if batch.seqs else None
-        while self.waiting and budget > 0:
+        held = len(self.pinned) + sum(1 for s in self.running if s.computes is not None)
+        blocked: list[Sequence] = []  # waiting for their prefix: looked past, kept in order
+        while self.waiting and budget > 0 and len(blocked) < self.lookahead:
+            seq = self.waiting[0]
+            wait = self._must_wait(seq, held)
+            if wait:
+                blocked.append(self.waiting.popleft())
+                continue
+            if wait is None:  # a prefix that cannot be computed now: its users prefill it themselves
+                self.drop(self.waiting.popleft())
+                continue
             slot = self.cache.allocate_slot()
             if slot is None:
                 break
-            seq = self.waiting[0]
             seq.slot = slot
-            used = self._chunk(batch, seq, budget)
+            used = self._chunk(batch, seq, budget) if self._start(seq) else 0
             if used == 0:  # no blocks for it now
                 self.cache.free(slot)
-                seq.slot = None
+                seq.slot, seq.num_cached = None, 0
                 if not self.running and not batch.seqs:  # nothing will free up: it never fits
                     self.waiting.popleft()
+                    self.drop(seq)
                     self.rejected.append((seq, f"the cache cannot hold this request ({seq.num_tokens} "
                                                "tokens); raise the engine's memory budget"))
                     continue
                 break
             self.waiting.popleft()
             self.running[seq] = None
+            held += seq.computes is not None
+            if seq.holds_prefix:  # forked (or prefilling it all): it needs the prefix no more
+                self._let_go(seq)
             budget -= used
+        self.waiting.extendleft(reversed(blocked))
         return batch if batch.seqs else None
 
     def _worth_admitting(self, budget: int) -> bool:

@@ -29,16 +29,31 @@ class ThreadedEngine:
         """The exception that stopped the engine, if one did."""
         return self._error
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
-        """Submit and wait; results in input order."""
+    def add_prefix(self, token_ids: list[int], parent: int | None = None) -> int:
+        """``Engine.add_prefix`` under the lock: a prefix computed once for later requests."""
+        with self._cv:
+            pid = self.engine.add_prefix(token_ids, parent)
+            self._cv.notify()
+            return pid
+
+    def release_prefix(self, prefix: int) -> None:
+        with self._cv:
+            self.engine.release_prefix(prefix)
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams],
+                 prefixes: list[int | None] | None = None, release: tuple[int, ...] = ()) -> list[RequestOutput]:
+        """Submit and wait; results in input order. ``prefixes[i]``: prompt i follows that prefix;
+        ``release``: prefixes to release once these requests are queued."""
         futures = []
         with self._cv:
             if self._error is not None:
                 raise RuntimeError("the engine failed earlier") from self._error
-            for prompt, p in zip(prompts, params, strict=True):
+            for prompt, p, pre in zip(prompts, params, prefixes or [None] * len(prompts), strict=True):
                 fut: Future = Future()
-                self._futures[self.engine.add_request(prompt, p)] = fut
+                self._futures[self.engine.add_request(prompt, p, pre)] = fut
                 futures.append(fut)
+            for pid in release:
+                self.engine.release_prefix(pid)
             self._cv.notify()
         return [f.result() for f in futures]
 

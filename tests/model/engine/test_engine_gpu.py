@@ -117,3 +117,19 @@ def test_ten_thousand_requests_each_answered_once(gold16):
         seen[i] = out
     assert sorted(seen) == list(range(n))
     assert all(seen[i].completion_tokens == news[i] and seen[i].prompt_tokens == lens[i] for i in range(n))
+
+
+def test_forked_prefix_equals_whole_prompts_fp32(gold32, rand_prompts):
+    """A shared prefix (past the window, not a block multiple) computed once and forked, under
+    the compiled kernels and CUDA-graph decode: the same greedy tokens as the whole prompts."""
+    prefix = rand_prompts(1, 300, 300, seed=13)[0]
+    suffixes = [p[1:] for p in rand_prompts(12, 2, 80, seed=14)]
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    ref = Engine(gold32, SMALL).generate([prefix + s for s in suffixes], params)
+    engine = Engine(gold32, SMALL)
+    pid = engine.add_prefix(prefix)
+    got = engine.generate(suffixes, params, prefix=pid)
+    engine.release_prefix(pid)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    assert engine.scheduler.forked_tokens == 12 * 300
+    assert len(engine.cache.free_blocks) == engine.cache.shape.num_blocks - 1
