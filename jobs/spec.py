@@ -47,9 +47,16 @@ class ModelSpec(_Strict):
 
 
 class InputSpec(_Strict):
-    uri: str = Field(description="Parquet input: s3://bucket/prefix/, a local folder, one file, or a glob. "
-                                 "Files and folders starting with '_' or '.' are skipped; Hive key=value "
-                                 "folders become columns.")
+    uri: str = Field(description="Input: s3://bucket/prefix/, a local folder, one file, or a glob (a Delta "
+                                 "table's root for format delta). Files and folders starting with '_' or '.' "
+                                 "are skipped; Hive key=value folders become columns (Parquet).")
+    format: Literal["parquet", "jsonl", "csv", "openai_batch", "delta"] | None = Field(
+        None, description="Input format: parquet, jsonl, csv (JSONL/CSV: units are byte ranges at line "
+                          "boundaries; a line that does not parse is a row error), openai_batch (OpenAI Batch "
+                          "API request JSONL), delta (a Delta Lake table). None: from the files' extension "
+                          "(.jsonl/.ndjson, .csv, else parquet).")
+    version: int | None = Field(None, ge=0, description="format delta: the table version to read (None: the "
+                                                        "latest); recorded in the manifest.")
     text_column: str | None = Field("text", description="Column holding the text to process "
                                                         "(optional for task.kind=template).")
     id_column: str | None = Field(None, description="Column identifying a row; kept in results mode and used "
@@ -99,7 +106,10 @@ class TaskSpec(_Strict):
 class OutputSpec(_Strict):
     uri: str = Field(description="Output prefix (s3://bucket/prefix/ or a local folder); one file per unit, "
                                  "_hymba/manifest.json and _SUCCESS when complete.")
-    format: Literal["parquet", "arrow"] = Field("parquet", description="File format: parquet or Arrow IPC (arrow).")
+    format: Literal["parquet", "arrow", "openai_batch", "delta"] = Field(
+        "parquet", description="parquet or arrow (Arrow IPC): one file per unit plus a manifest; openai_batch: "
+                               "output.jsonl in the OpenAI Batch API's output shape; delta: a Delta Lake table at "
+                               "output.uri, one atomic commit per run.")
     mode: Literal["enrich", "results"] = Field("enrich", description="enrich: keep every input column; "
                                                                      "results: only the id column and the results.")
 
@@ -170,6 +180,15 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "JobSpec":
+        if self.output.format == "openai_batch" and self.input.format != "openai_batch" and not self.input.id_column:
+            raise ValueError("output.format 'openai_batch' needs a custom_id per row: input.format 'openai_batch' "
+                             "or input.id_column")
+        if self.output.format == "openai_batch" and self.schedule.incremental:
+            raise ValueError("output.format 'openai_batch' writes one output file per job; it has no incremental runs")
+        if self.input.version is not None and self.input.format != "delta":
+            raise ValueError("input.version is only used with input.format 'delta'")
+        if self.input.format == "openai_batch":
+            return self  # the prompt is the request's messages
         if self.task.kind != "template" and not self.input.text_column:
             raise ValueError(f"input.text_column is required when task.kind is {self.task.kind!r}")
         return self

@@ -37,6 +37,11 @@ class Codec:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def chat_messages_text(self, messages: list[dict[str, str]]) -> str:
+        """The prompt string of a whole conversation (``role``/``content`` dicts), ending with
+        the assistant's turn opener."""
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     def encode_prompts(self, texts: list[str], chat: bool) -> list[list[int]]:
         """Token ids of whole prompts: BOS added for plain prompts, none for chat prompts."""
         if not texts:

@@ -143,11 +143,14 @@ class InferenceActor:
         self.identity = {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id() or "",
                          "pid": str(os.getpid()), "device": device}
 
-    def _generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Generation]:
+    def _generate(self, prompts: list[list[int]], seeds: list[int],
+                  overrides: list[dict] | None = None) -> list[Generation]:
         s = self.cfg.sampling
-        params = [self._SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+        per_row = overrides or [{}] * len(seeds)  # per-request sampling (OpenAI Batch max_tokens, temperature)
+        params = [self._SamplingParams(max_new_tokens=o.get("max_new_tokens", s.max_new_tokens),
+                                       temperature=o.get("temperature", s.temperature),
                                        top_p=s.top_p, top_k=s.top_k, seed=seed,
-                                       stop_token_ids=(self.codec.eos_token_id,)) for seed in seeds]
+                                       stop_token_ids=(self.codec.eos_token_id,)) for seed, o in zip(seeds, per_row)]
         try:
             outs = self.frontend.generate(prompts, params)
         except Exception as e:
