@@ -35,7 +35,7 @@ from .sinks import Sink
 from .textfiles import plan_text_files, rows_to_table, unit_lines
 from .unit import UnitResult
 
-MESSAGES_COLUMN = "_hymba_messages"
+MESSAGES_COLUMN = "messages"  # the chat as JSON text
 BATCH_SCHEMA = pa.schema([
     ("custom_id", pa.string()),
     ("model", pa.string()),

@@ -133,7 +133,7 @@ class UnitRunner:
         if ROW_ERROR_COLUMN in table.column_names:  # lines the reader could not parse
             row_errors = table.column(ROW_ERROR_COLUMN).to_pylist()
             table = table.drop_columns([ROW_ERROR_COLUMN])
-        overrides = self._overrides(table, row_errors)
+        overrides = self._overrides(unit, table, row_errors)
         if overrides is not None:
             table = table.drop_columns([c for c in OVERRIDE_COLUMNS if c in table.column_names])
         cfg = self.prompt_cfg
@@ -190,7 +190,7 @@ class UnitRunner:
         res.timings["write_s"] = time.perf_counter() - t5
         return res
 
-    def _overrides(self, table: pa.Table, row_errors: list[str | None]) -> list[dict[str, Any]] | None:
+    def _overrides(self, unit: WorkUnit, table: pa.Table, row_errors: list[str | None]) -> list[dict[str, Any]] | None:
         """Per-row sampling from the reader's override columns (None when it has none); a
         request over the job's own limits becomes that row's error."""
         cols = [c for c in OVERRIDE_COLUMNS if c in table.column_names]
@@ -202,7 +202,7 @@ class UnitRunner:
             o = {OVERRIDE_COLUMNS[c]: values[c][i] for c in cols if values[c][i] is not None}
             limit = self.sampling.max_new_tokens
             if o.get("max_new_tokens", 0) > limit and row_errors[i] is None:
-                row_errors[i] = (f"max_tokens {o['max_new_tokens']} is over this job's limit of {limit} "
-                                 f"(task.max_new_tokens)")
+                row_errors[i] = (f"{unit.file.uri} row {unit.row_start + i}: max_tokens {o['max_new_tokens']} "
+                                 f"is over this job's limit of {limit} (task.max_new_tokens)")
             out.append(o)
         return out

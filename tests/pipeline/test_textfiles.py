@@ -11,7 +11,7 @@ from hymba_batch.pipeline.formats import InputOptions, plan_input
 from hymba_batch.pipeline.reader import read_unit
 from hymba_batch.pipeline.shards import InputError
 from hymba_batch.pipeline.textfiles import ROW_ERROR_COLUMN
-from tests.formathelpers import run_local, spec_for, write_jsonl
+from formathelpers import run_local, spec_for, write_jsonl
 
 
 def _plan(uri, fmt=None, rows=3):
