@@ -78,3 +78,65 @@ def write_jsonl(path: Path, lines: list[Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
     return path
+
+
+class S3ServerProcess:
+    """moto's S3 server in a child process on loopback, for libraries that call S3 from native
+    code without releasing Python's GIL (delta-rs does in a few calls): an in-process server
+    thread would then wait for the very call that waits for it. Environment as the
+    ``s3_endpoint`` fixture sets it; restored on close."""
+
+    def __init__(self) -> None:
+        import os
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        keys = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
+        self.saved = {k: os.environ.get(k) for k in keys}
+        os.environ.update({"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"})
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        import socket
+        import time
+
+        deadline = time.monotonic() + 30
+        host, port = self.endpoint[len("http://"):].split(":")
+        while True:  # readiness: the port accepts a connection (the child binds it once it serves)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto server exited with {self.proc.returncode}")
+            try:
+                socket.create_connection((host, int(port)), timeout=0.2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("moto server did not start in 30 s") from None
+                time.sleep(0.05)
+
+    def bucket(self) -> str:
+        import uuid
+
+        import boto3
+
+        name = f"t-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3", endpoint_url=self.endpoint).create_bucket(Bucket=name)
+        return name
+
+    def close(self) -> None:
+        import os
+
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -40,3 +40,25 @@ def test_jsonl_job_on_ray(ray_cluster, tiny_checkpoint, tmp_path) -> None:
     assert summary.state == "succeeded" and summary.committed_rows == 10 and summary.error_rows == 0
     t = ds.dataset(str(tmp_path / "out"), format="parquet").to_table()
     assert sorted(t.column("id").to_pylist()) == list(range(10))
+
+
+def test_incremental_delta_in_delta_out_on_ray(ray_cluster, tiny_checkpoint, tmp_path) -> None:
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    src, dst = str(tmp_path / "articles"), str(tmp_path / "enriched")
+    write_deltalake(src, pa.table({"id": list(range(6)), "text": [f"Story {i}." for i in range(6)]}))
+    spec = parse_spec(job_dict(tiny_checkpoint, src, dst, input={"format": "delta"}, output={"format": "delta"},
+                               schedule={"incremental": True}))
+    first = run_job(spec)
+    assert first.state == "succeeded" and first.committed_rows == 6 and first.new_files == 1
+    write_deltalake(src, pa.table({"id": [6, 7, 8], "text": ["Story 6.", "Story 7.", "Story 8."]}), mode="append")
+    second = run_job(spec)
+    assert second.committed_rows == 3 and second.new_files == 1 and second.unchanged_files == 1  # only version 1's file
+    third = run_job(spec)
+    assert third.committed_rows == 0 and third.new_files == 0
+    out = DeltaTable(dst)
+    assert out.version() == 1  # one commit per run that had rows
+    assert sorted(out.to_pyarrow_table().column("id").to_pylist()) == list(range(9))
+    run = json.loads(next((tmp_path / "enriched" / "_hymba" / "runs").glob(f"{second.run_id}/manifest.json")).read_text())
+    assert run["input_source"]["delta_version"] == 1 and run["published"]["delta_version"] == 1
