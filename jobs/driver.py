@@ -124,14 +124,15 @@ def input_options(spec: JobSpec) -> InputOptions:
     i = spec.input
     return InputOptions(uri=i.uri, format=i.format, rows_per_unit=i.rows_per_unit,
                         text_column=None if i.format == "openai_batch" else i.text_column,
-                        version=getattr(i, "version", None))
+                        version=i.version, snapshot_id=i.snapshot_id, catalog=tuple(sorted(i.catalog.items())))
 
 
 def job_sink(spec: JobSpec) -> Sink:
     """The output sink of the spec (pipeline/sinks.py)."""
     o = spec.output
     return make_sink(SinkOptions(uri=o.uri, format=o.format, model_name=Path(spec.model.path).name or "hymba",
-                                 id_column=spec.input.id_column, app_id=f"hymba-batch:{spec.name}"))
+                                 id_column=spec.input.id_column, app_id=f"hymba-batch:{spec.name}",
+                                 table=o.table, catalog=tuple(sorted(o.catalog.items()))))
 
 
 def plan_job(spec: JobSpec, files: list[InputFile] | None = None, incremental: bool = False,

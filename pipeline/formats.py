@@ -42,8 +42,7 @@ class InputOptions:
     text_column: str | None = "text"
     version: int | None = None  # delta: table version (None: latest)
     snapshot_id: int | None = None  # iceberg: snapshot (None: current)
-    catalog: tuple[tuple[str, str], ...] = ()  # iceberg: catalog properties
-    table: str | None = None  # iceberg: namespace.table
+    catalog: tuple[tuple[str, str], ...] = ()  # iceberg: catalog properties (uri is namespace.table)
 
 
 @dataclass
@@ -79,7 +78,7 @@ def list_input(opts: InputOptions) -> tuple[str, list[InputFile], dict[str, Any]
     if fmt == "iceberg":
         from .iceberg import list_iceberg_files
 
-        files, source = list_iceberg_files(opts)
+        files, source = list_iceberg_files(opts.uri, dict(opts.catalog), opts.snapshot_id)
         return fmt, files, source
     files = list_input_files(opts.uri)
     return fmt or detect_format(files, opts.uri), files, {}
