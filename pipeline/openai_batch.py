@@ -161,7 +161,7 @@ def output_line(row: dict[str, Any], model: str, created: int) -> dict[str, Any]
     else:
         status = 200
         body = {
-            "id": _ident("chatcmpl-", req), "object": "chat.completion", "created": created, "model": model,
+            "id": _ident("chatcmpl-", req, "completion"), "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": row["generated_text"],
                                                  "refusal": None},
                          "logprobs": None, "finish_reason": row["finish_reason"]}],

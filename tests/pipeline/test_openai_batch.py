@@ -105,3 +105,19 @@ def test_bad_batch_files_are_refused(tmp_path, lines, match) -> None:
     src = write_jsonl(tmp_path / "batch.jsonl", lines)
     with pytest.raises(InputError, match=match):
         plan_input(InputOptions(uri=str(src), format="openai_batch", text_column=None), set(), set())
+
+
+def test_cli_refuses_duplicate_custom_ids_with_exit_2(tmp_path, tokenizer_dir, capsys) -> None:
+    import yaml
+
+    from hymba_batch.jobs.cli import main
+
+    src = write_jsonl(tmp_path / "batch.jsonl", [req("x"), req("x")])
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"model": {"path": str(tokenizer_dir)},
+                                    "input": {"uri": str(src), "format": "openai_batch"},
+                                    "output": {"uri": str(tmp_path / "out"), "format": "openai_batch"}}))
+    assert main(["validate", str(spec), "--plan"]) == 2
+    err = capsys.readouterr()
+    assert "batch.jsonl line 2: custom_id 'x' is used again" in err.err + err.out
+    assert "Traceback" not in err.err
