@@ -87,6 +87,7 @@ class JobSummary:
     new_files: int = 0
     changed_files: int = 0
     unchanged_files: int = 0
+    time_split: dict[str, float] = field(default_factory=dict)  # start / steady / tail / commit seconds
 
 
 def _model_identity(path: str) -> dict[str, Any]:
@@ -362,6 +363,7 @@ def _execute(spec: JobSpec, plan: Plan, out: JobOutput, status: _Status, t0: flo
                 num_actors=n, num_gpus_per_actor=gpu_share, num_cpus_per_actor=spec.resources.cpus_per_actor,
                 max_in_flight=spec.resources.max_in_flight, max_attempts=spec.resources.max_attempts))
             summary.actors = pool.start()
+            t_ready = time.time()
 
             def on_done(res: UnitResult) -> None:
                 status.done[res.unit_id] = res
@@ -376,10 +378,19 @@ def _execute(spec: JobSpec, plan: Plan, out: JobOutput, status: _Status, t0: flo
                 status.write("running", force=True)
 
             pool.run(todo, on_done, on_failed)
+            t_run = time.time()
             summary.retried_units, summary.actor_restarts = pool.retries, pool.restarts
+            drained = pool.drained_at or t_run
+            # where the time went: planning + Ray + actors loading their models; every actor busy;
+            # the last units finishing after the queue ran dry
+            summary.time_split = {"start_s": t_ready - t0, "steady_s": drained - t_ready, "tail_s": t_run - drained}
         state = "failed" if status.failed else "succeeded"
         if state == "succeeded":
+            t_commit = time.time()
             summary.truncated_rows = commit()["truncated_rows"]
+            if summary.time_split:
+                summary.time_split["commit_s"] = time.time() - t_commit
+        status.extra["time_split"] = summary.time_split
         status.write(state, force=True)
     except KeyboardInterrupt:
         state = "cancelled"

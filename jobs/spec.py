@@ -138,7 +138,9 @@ class ResourcesSpec(_Strict):
     actors_per_gpu: int = Field(1, ge=1, le=16, description="Actors sharing one GPU; each gets num_gpus=1/k "
                                                            "and 1/k of the GPU memory.")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per actor (its torch threads on CPU).")
-    max_in_flight: int = Field(2, ge=1, le=64, description="Units queued or running per actor.")
+    max_in_flight: int | None = Field(None, ge=1, le=64, description=(
+        "Units queued or running per actor. Unset: enough units that their rows cover twice the "
+        "actor's engine slots (2 to 16), so the engine never runs dry between units."))
     max_attempts: int = Field(3, ge=1, description="Tries per unit before it is quarantined as failed.")
 
 

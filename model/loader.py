@@ -137,9 +137,13 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu",
         model = HymbaForCausalLM(cfg)
     want = expected_shapes(cfg)
     seen: set[str] = set()
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    read_to = str(dev) if dev.type == "cuda" else "cpu"  # tensors go straight to the GPU
     for path in _weight_files(folder):
         try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
+            handle = safe_open(str(path), framework="pt", device=read_to)
         except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
         with handle as f:

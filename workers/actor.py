@@ -168,8 +168,9 @@ class InferenceActor:
         return {"engine_preemptions": float(self.engine.scheduler.num_preemptions)}
 
     def info(self) -> dict[str, str]:
-        """Where this actor runs (node, pid, device)."""
-        return dict(self.identity, dtype=self.dtype, max_prompt_tokens=str(self.engine.max_prompt_tokens))
+        """Where this actor runs (node, pid, device) and its engine's sequence slots."""
+        return dict(self.identity, dtype=self.dtype, max_prompt_tokens=str(self.engine.max_prompt_tokens),
+                    slots=str(self.engine.cache.shape.num_slots - 1))
 
     def process(self, unit: WorkUnit) -> UnitResult:
         """Run one unit; the output file is committed when this returns."""

@@ -10,6 +10,7 @@ workers use the standard AWS chain of their node).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
@@ -37,7 +38,7 @@ class PoolConfig:
     num_actors: int = 1
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
-    max_in_flight: int = 2  # units queued or running per actor
+    max_in_flight: int | None = None  # units queued or running per actor; None: auto (in_flight_limit)
     max_attempts: int = 3  # tries per unit before it is quarantined
     max_actor_restarts: int = 10  # replacements of dead actors over the whole job
     actor_start_timeout_s: float = 900.0  # with no actor running, how long to wait for replacements
@@ -50,6 +51,16 @@ class UnitFailure:
     error: str
 
 
+MAX_AUTO_IN_FLIGHT = 16
+
+
+def in_flight_limit(slots: int, unit_rows: float) -> int:
+    """Units to keep in flight on an actor so that its engine never runs dry at a unit boundary:
+    their rows cover twice the engine's sequence slots (a unit frees its slots one by one as its
+    rows finish, and the next unit's rows must already be queued), at least 2, at most 16."""
+    return max(2, min(MAX_AUTO_IN_FLIGHT, math.ceil(2 * slots / max(unit_rows, 1.0)) + 1))
+
+
 def forwarded_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k.startswith("HYMBA_")}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
@@ -60,17 +71,18 @@ class ActorPool:
     """Runs units on ``num_actors`` inference actors."""
 
     def __init__(self, actor_cfg: ActorConfig, cfg: PoolConfig) -> None:
-        if cfg.num_actors < 1 or cfg.max_in_flight < 1 or cfg.max_attempts < 1:
+        if cfg.num_actors < 1 or (cfg.max_in_flight is not None and cfg.max_in_flight < 1) or cfg.max_attempts < 1:
             raise ValueError(f"bad pool config {cfg}")
         self.actor_cfg, self.cfg = actor_cfg, cfg
         self.remote = ray.remote(InferenceActor).options(
             num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
-            max_restarts=0, max_task_retries=0, max_concurrency=cfg.max_in_flight,
+            max_restarts=0, max_task_retries=0, max_concurrency=cfg.max_in_flight or MAX_AUTO_IN_FLIGHT,
             scheduling_strategy="SPREAD", runtime_env={"env_vars": forwarded_env()})
         self.actors: list[Any] = []
         self.generation: list[int] = []
         self.restarts = 0
         self.retries = 0
+        self.drained_at: float | None = None  # wall time the last unit was handed out (tail start)
         self.actor_info: list[dict[str, str]] = []
         self.ready: list[bool] = []  # loaded its model and may get units
         self.starting: dict[Any, tuple[int, int]] = {}  # info() of replacements -> (actor, generation)
@@ -120,6 +132,7 @@ class ActorPool:
         if not self.actors:
             self.start()
         n = len(self.actors)
+        limit = self.cfg.max_in_flight or self._auto_limit(units)
         queue: deque[WorkUnit] = deque(units)
         attempts: dict[str, int] = {}
         suspects: set[str] = set()  # died alongside other units: next try runs alone
@@ -132,7 +145,7 @@ class ActorPool:
         def pick() -> tuple[int, int] | None:
             """(queue position, actor) of the next unit that can be dispatched now."""
             idle = next((i for i in range(n) if self.ready[i] and load[i] == 0), None)
-            free = [i for i in range(n) if self.ready[i] and not alone[i] and load[i] < self.cfg.max_in_flight]
+            free = [i for i in range(n) if self.ready[i] and not alone[i] and load[i] < limit]
             plain = min(free, key=lambda i: load[i]) if free else None
             for pos, unit in enumerate(queue):
                 if unit.unit_id in suspects:
@@ -144,6 +157,7 @@ class ActorPool:
                     return None
             return None
 
+        self.drained_at = None
         while queue or inflight:
             while queue and not stop():
                 choice = pick()
@@ -156,6 +170,8 @@ class ActorPool:
                 ref = self.actors[idx].process.remote(unit)
                 inflight[ref] = (idx, self.generation[idx], unit)
                 load[idx] += 1
+            if not queue and self.drained_at is None:
+                self.drained_at = time.time()  # the tail begins: no unit left to hand out
             if not inflight and (stop() or not queue):
                 break  # stopped with units left, or done
             if not inflight and not self.starting:
@@ -207,6 +223,13 @@ class ActorPool:
                 else:
                     self.retries += 1
                     queue.appendleft(unit)
+                    self.drained_at = None
+
+    def _auto_limit(self, units: list[WorkUnit]) -> int:
+        """``in_flight_limit`` for the smallest engine of the pool and this run's mean unit size."""
+        slots = min((int(i.get("slots", 0)) for i in self.actor_info), default=0)
+        rows = sum(u.num_rows for u in units) / max(len(units), 1)
+        return in_flight_limit(slots, rows) if slots else 2
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -1,8 +1,8 @@
 """Micro-benchmark: packed varlen prefill attention for one layer, the Triton kernel
 (``attention_prefill_triton``) vs the engine's padded SDPA path it replaces.
 
-The SDPA path is ``PrefillOps._keys`` + ``PrefillOps.attention`` of model/engine/runner.py (as of
-the commit that added this kernel), reproduced tensor op for tensor op in ``sdpa_path``: gather the
+The SDPA path was ``PrefillOps._keys`` + ``PrefillOps.attention`` of model/engine/runner.py (removed
+from the engine once this kernel measured faster; kept here as the baseline), reproduced tensor op for tensor op in ``sdpa_path``: gather the
 visible history from the cache into a [B, Hmax] pad, scatter the chunk into a [B, Lmax] pad, cat
 [meta | history | chunk] K/V per sequence, build the dense [B, 1, Lmax, M+Hmax+Lmax] mask, pad q,
 ``attention_sdpa``, unpad. The engine's cache write of the chunk is left out (the kernel path
@@ -153,10 +153,21 @@ def sdpa_inputs(args: dict, starts: list[int], lens: list[int]):
     return qq.transpose(1, 2), K, V, mask[:, None], row_b, row_i
 
 
+def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The removed engine path's SDPA call: q [B, nh, Tq, d]; k [B, nkv, Tk, d]; v [B, nkv, Tk, dv];
+    mask [B, 1, Tq, Tk] bool -> [B, nh, Tq, dv]; GQA natively on CUDA, expanded on the CPU."""
+    import torch.nn.functional as F
+
+    nh, nkv = q.shape[1], k.shape[1]
+    if nh != nkv and not q.is_cuda:
+        k = k.repeat_interleave(nh // nkv, dim=1)
+        v = v.repeat_interleave(nh // nkv, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(q.shape[-1]),
+                                          enable_gqa=nh != nkv)
+
+
 def sdpa_path(args: dict, starts: list[int], lens: list[int]) -> torch.Tensor:
     """The engine's padded-SDPA prefill attention for one layer -> [T, nh*dv]."""
-    from hymba_batch.model.kernels.attention import attention_sdpa
-
     qq, K, V, mask, row_b, row_i = sdpa_inputs(args, starts, lens)
     out = attention_sdpa(qq, K, V, mask)
     return out.transpose(1, 2)[row_b, row_i].reshape(args["q"].shape[0], -1)
@@ -169,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     from triton.testing import do_bench
 
     from hymba_batch.model.kernels._attn_prefill_triton import attention_prefill_triton
-    from hymba_batch.model.kernels.attention import attention_prefill_ref, attention_sdpa
+    from hymba_batch.model.kernels.attention import attention_prefill_ref
 
     def bench(fn) -> float:
         return do_bench(fn, return_mode="median")

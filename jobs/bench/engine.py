@@ -1,9 +1,17 @@
-"""Engine benchmarks on one GPU (issue #3, design.md §5): workloads S, G, L on a random-weight
-model of the real Hymba-1.5B config in bf16, the batch-size-1 path, a Hugging Face transformers
-Llama baseline of Hymba's width and depth, and several engines per GPU in separate processes.
+"""Engine benchmarks on one GPU (design.md §5): workloads S, M, G, L on a random-weight model of
+the real Hymba-1.5B config in bf16, the batch-size-1 path, a Hugging Face transformers Llama
+baseline of Hymba's width and depth, and several engines per GPU in separate processes.
 
-    python -m hymba_batch.jobs.bench.engine --workloads S,G,L --baselines --actors 1,2,4 \
+    python -m hymba_batch.jobs.bench.engine --workloads S,M,G,L --baselines --actors 1,2,4 \
         --json-out $OUT/engine.json
+
+Workloads (prompts x prompt tokens, new tokens):
+  S  2,048 x 1,024, 128 new     summarization, uniform
+  M  2,048 mixed, as real datasets are: prompt lengths log-normal with median 570 and p90 1,900
+     tokens (mu = ln 570, sigma = 0.94), clipped to [16, 7,000]; new tokens uniform in [16, 256]
+     per request (seed 4); mean ~840 prompt and ~137 new tokens, max 7,000
+  G  2,048 x 128, 512 new       generation, decode-bound
+  L  256 x 7,000, 256 new       long documents
 
 Fixed protocol: seeded random prompts, fixed output lengths (EOS ignored), a warm-up run, the
 median of ``--repeats`` timed runs. Prints a table, then one JSON line last.
@@ -13,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import gc
 import platform
 import statistics
 import time
+from functools import lru_cache
 from queue import Empty
 
 import torch
@@ -28,11 +38,27 @@ from hymba_batch.model.config import HymbaConfig, real_config_dict
 from hymba_batch.model.costs import cache_bytes, decode_flops, prefill_flops, weight_bytes
 from hymba_batch.model.engine import Engine, EngineConfig, SamplingParams
 
-WORKLOADS = {  # name: (prompts, prompt tokens, new tokens)
+WORKLOADS = {  # name: (prompts, prompt tokens, new tokens); M: lengths drawn per request
     "S": (2048, 1024, 128),
+    "M": (2048, None, None),
     "G": (2048, 128, 512),
     "L": (256, 7000, 256),
 }
+SEEDS = {"S": 1, "M": 4, "G": 2, "L": 3}
+
+
+def workload(name: str, scale: float = 1.0) -> tuple[list[list[int]], list[int]]:
+    """(prompts, new tokens per prompt) of a workload, seeded."""
+    n, plen, new = WORKLOADS[name]
+    n = max(1, int(n * scale))
+    if plen is not None:
+        return prompts_for(n, plen, SEEDS[name]), [new] * n
+    g = torch.Generator().manual_seed(SEEDS[name])
+    lens = torch.exp(math.log(570) + 0.94 * torch.randn(n, generator=g)).round().clamp(16, 7000).long()
+    news = torch.randint(16, 257, (n,), generator=g)
+    ids = torch.randint(3, 32000, (int(lens.sum()),), generator=g)
+    prompts = [[1] + c.tolist()[1:] for c in ids.split(lens.tolist())]
+    return prompts, news.tolist()
 
 
 def prompts_for(n: int, length: int, seed: int) -> list[list[int]]:
@@ -67,9 +93,8 @@ def measure_ceilings() -> dict:
     return {"matmul_bf16_flops": flops, "copy_bytes_per_s": bw}
 
 
-def run_workload(engine: Engine, name: str, n: int, plen: int, new: int, repeats: int) -> dict:
-    prompts = prompts_for(n, plen, seed={"S": 1, "G": 2, "L": 3}.get(name, 4))
-    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+def run_workload(engine: Engine, name: str, prompts: list[list[int]], news: list[int], repeats: int) -> dict:
+    params = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in news]
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()
@@ -78,11 +103,13 @@ def run_workload(engine: Engine, name: str, n: int, plen: int, new: int, repeats
         outs = engine.generate(prompts, params)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-        assert all(o.completion_tokens == new for o in outs), "every request must produce its tokens"
+        assert [o.completion_tokens for o in outs] == news, "every request must produce its tokens"
     dt = statistics.median(times)
-    return {"workload": name, "prompts": n, "prompt_tokens": plen, "new_tokens": new,
-            "seconds": dt, "runs": times, "docs_per_s": n / dt, "prompt_tok_per_s": n * plen / dt,
-            "gen_tok_per_s": n * new / dt, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+    n, lens = len(prompts), [len(p) for p in prompts]
+    return {"workload": name, "prompts": n, "prompt_tokens": sum(lens) / n, "new_tokens": sum(news) / n,
+            "prompt_tokens_p50_p90_max": [sorted(lens)[n // 2], sorted(lens)[int(n * 0.9)], max(lens)],
+            "seconds": dt, "runs": times, "docs_per_s": n / dt, "prompt_tok_per_s": sum(lens) / dt,
+            "gen_tok_per_s": sum(news) / dt, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
             "preemptions": engine.scheduler.num_preemptions}
 
 
@@ -121,23 +148,28 @@ def profile_steps(engine: Engine, out_path: str) -> str:
     return text
 
 
-def floors(cfg: HymbaConfig, r: dict, ceil: dict, slots: int) -> dict:
-    n, plen, new = r["prompts"], r["prompt_tokens"], r["new_tokens"]
-    flops = n * (prefill_flops(cfg, plen) + decode_flops(cfg, plen, new))
+def floors(cfg: HymbaConfig, prompts: list[list[int]], news: list[int], seconds: float, ceil: dict,
+           slots: int) -> dict:
+    """Compute floor (all FLOPs at the measured matmul rate) and bandwidth floor (each decode step
+    reads the weights once and every resident sequence's state + K/V, at the measured copy rate)."""
+    prefill, decode = lru_cache(None)(lambda p: prefill_flops(cfg, p)), lru_cache(None)(lambda p, m: decode_flops(cfg, p, m))
+    flops = sum(prefill(len(p)) + decode(len(p), m) for p, m in zip(prompts, news))
     compute_floor = flops / ceil["matmul_bf16_flops"]
-    # bandwidth: each decode step reads the weights once and every resident sequence's state + K/V
     cb = cache_bytes(cfg, 2, 4)
+    n = len(prompts)
     batch = min(n, slots)
-    steps = (new - 1) * -(-n // batch)
-    ctx = plen + new // 2  # mean context over the decode
     kv_tok = cfg.num_key_value_heads * (cfg.head_dim + cfg.v_head_dim) * 2
     n_swa = sum(not cfg.is_global(p) for p in cfg.producers)
     states = cb.slot - n_swa * (cfg.sliding_window + 1) * kv_tok
-    per_seq = states + n_swa * min(ctx, cfg.sliding_window + 1) * kv_tok + cb.per_global_token * ctx
-    bytes_ = steps * (weight_bytes(cfg) + batch * per_seq)
+    seq_bytes = 0  # every sequence's state + K/V, once per decode step it takes part in
+    for p, m in zip(prompts, news):
+        ctx = len(p) + m // 2  # mean context over its decode
+        seq_bytes += (m - 1) * (states + n_swa * min(ctx, cfg.sliding_window + 1) * kv_tok + cb.per_global_token * ctx)
+    steps = sum(m - 1 for m in news) / batch
+    bytes_ = steps * weight_bytes(cfg) + seq_bytes
     bw_floor = bytes_ / ceil["copy_bytes_per_s"] * 2  # copy rate counts read + write
-    return {"flops": flops, "compute_floor_s": compute_floor, "ratio_to_compute_floor": r["seconds"] / compute_floor,
-            "decode_bytes": bytes_, "bandwidth_floor_s": bw_floor, "ratio_to_bandwidth_floor": r["seconds"] / bw_floor}
+    return {"flops": flops, "compute_floor_s": compute_floor, "ratio_to_compute_floor": seconds / compute_floor,
+            "decode_bytes": bytes_, "bandwidth_floor_s": bw_floor, "ratio_to_bandwidth_floor": seconds / bw_floor}
 
 
 def bs1_baseline(model, plen: int, new: int, n: int = 4) -> dict:
@@ -227,9 +259,14 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of each workload's prompts")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--baselines", action="store_true")
+    ap.add_argument("--hf-caches", default="", help="transformers cache per workload, e.g. S=dynamic,G=static "
+                    "(default: both, the faster one counts)")
     ap.add_argument("--actors", default="", help="comma list of engines per GPU, e.g. 1,2,4,8")
     ap.add_argument("--actor-prompts", type=int, default=1024)
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
+    ap.add_argument("--max-chunk-tokens", type=int, default=None, help="engine's per-sequence chunk cap")
+    ap.add_argument("--chunk-caps", default="", help="comma list: rerun each workload with these per-sequence "
+                    "chunk caps (0: none); results named e.g. M@1024")
     ap.add_argument("--json-out", default="")
     ap.add_argument("--profile", default="", help="write a kernel profile of a prefill and two decode steps here")
     a = ap.parse_args()
@@ -253,18 +290,29 @@ def main() -> None:
 
     if a.workloads:
         model = random_model(cfg, "cuda", torch.bfloat16)
-        engine = Engine(model, EngineConfig(max_batch_tokens=a.max_batch_tokens))
+        engine = Engine(model, EngineConfig(max_batch_tokens=a.max_batch_tokens, max_chunk_tokens=a.max_chunk_tokens))
         result["engine"] = {"slots": engine.cache.shape.num_slots, "blocks": engine.cache.shape.num_blocks,
                             "cache_gib": engine.cache.nbytes() / 2**30}
         engine.generate(prompts_for(64, 256, seed=5), SamplingParams(max_new_tokens=16, ignore_eos=True))
         if a.profile:
             print(profile_steps(engine, a.profile)[-9000:])
-        for name in a.workloads.split(","):
-            n, plen, new = WORKLOADS[name]
-            n = max(1, int(n * a.scale))
+        default_cap = engine.scheduler.max_chunk_tokens
+        floor_cache: dict[str, dict] = {}
+        runs = [(name, None) for name in a.workloads.split(",")]
+        runs += [(name, int(c)) for name in a.workloads.split(",") for c in a.chunk_caps.split(",") if c]
+        for name, cap in runs:
+            prompts, news = workload(name, a.scale)
             engine.stats.update(prefill_s=0.0, decode_s=0.0, prefill_tokens=0, decode_tokens=0, steps=0)
-            r = run_workload(engine, name, n, plen, new, a.repeats)
-            r.update(floors(cfg, r, ceil, engine.cache.shape.num_slots))
+            engine.scheduler.max_chunk_tokens = (cap or a.max_batch_tokens) if cap is not None else default_cap
+            r = run_workload(engine, name, prompts, news, a.repeats)
+            r["max_chunk_tokens"] = engine.scheduler.max_chunk_tokens
+            if name not in floor_cache:  # the floors depend on the workload only (ratios: x seconds)
+                floor_cache[name] = floors(cfg, prompts, news, 1.0, ceil, engine.cache.shape.num_slots)
+            f = dict(floor_cache[name])
+            f["ratio_to_compute_floor"] *= r["seconds"]
+            f["ratio_to_bandwidth_floor"] *= r["seconds"]
+            r.update(f)
+            name = name if cap is None else f"{name}@{cap}"
             r["engine_stats"] = dict(engine.stats)  # summed over the repeats
             result[name] = r
             rows.append((name, f"{r['docs_per_s']:.1f} docs/s", f"{r['gen_tok_per_s']:.0f} gen tok/s",
@@ -281,9 +329,11 @@ def main() -> None:
         gc.collect()  # the engine's CUDA graphs and caches sit in reference cycles
         torch.cuda.empty_cache()
     if a.baselines:
-        for name, (n, plen, new) in (("S", WORKLOADS["S"]), ("G", WORKLOADS["G"])):
+        hf_caches = dict(kv.split("=") for kv in a.hf_caches.split(",")) if a.hf_caches else {}
+        for name in ("S", "G"):
+            _, plen, new = WORKLOADS[name]
             best = None
-            for cache in ("dynamic", "static"):
+            for cache in [hf_caches[name]] if name in hf_caches else ("dynamic", "static"):
                 try:
                     r = hf_llama_baseline(plen, new, n=128, batch=128, cache=cache)
                 except Exception as e:  # recorded, not hidden: the JSON says which setting failed

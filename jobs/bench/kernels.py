@@ -1,6 +1,7 @@
 """Micro-benchmark: the SSM-branch kernels (RMSNorm, causal conv1d varlen + update, selective scan
 varlen + state update), Triton vs the ``*_ref`` twins, and vs ``mamba_ssm`` / ``causal_conv1d``
-when those import.
+when those import (they are not dependencies of this project, nor in its image: install them by
+hand to get that comparison; it has not been run).
 
 Real Hymba-1.5B shapes: E = 3200 channels, N = 16 states, K = 4 taps, hidden 1600; prefill packs
 ``--seqs`` sequences of ``--seqlen`` tokens (default 64 x 1024 = 65536 tokens; equal lengths so the

@@ -1,12 +1,20 @@
-"""Pipeline scale check (issue #4 item 9): a summarize job over many rows with the real-size config,
+"""Pipeline scale check: a summarize job over many rows of real text with the real-size config,
 end to end through Ray, with 1 and 2 GPUs and 1, 2, 4 actors per GPU, against the engine alone on
-the same prompts.
+the same prompts; and a fresh process's start to its first batch, with an empty and a warm
+kernel cache.
 
-    python -m hymba_batch.jobs.bench.pipeline_scale --rows 20000 --gpus 1,2 --actors-per-gpu 1,2,4 \
+    python -m hymba_batch.jobs.bench.pipeline_scale --rows 5000 --gpus 1 --actors-per-gpu 1,2 \
         --json-out $OUT/pipeline_scale.json
     python -m hymba_batch.jobs.bench.pipeline_scale --tiny     # CPU smoke run of this script
 
-Prints a table, then one JSON line last. Targets: end to end >= 0.9x engine-only; 2 GPUs >= 1.9x one.
+Input (``--text pydoc``, the default): real English prose shipped with every CPython, the Python
+reference manual's topics (``pydoc_data.topics``, ~65k words in ~1,900 paragraphs). Each row is a
+run of consecutive paragraphs from a seeded random start, its length in words log-normal (median
+``--words``, sigma 0.9, clipped to [20, 6000]), so prompts vary as real articles do; rows reuse the
+text. ``--text words`` gives the old uniform synthetic rows.
+
+Prints a table, then one JSON line last. Targets: end to end >= 0.9x engine-only; 2 GPUs >= 1.9x one;
+a cold start to the first batch <= 10 s.
 """
 
 from __future__ import annotations
@@ -39,14 +47,75 @@ WORDS = ("council river market festival library budget school harbor train bridg
          "weather election park science report city night music street village ocean mountain").split()
 
 
-def write_input(folder: Path, rows: int, words: int, files: int = 8) -> None:
+def real_texts(rows: int, median_words: int, seed: int = 0) -> list[str]:
+    """Rows of real prose of log-normal length (see the module docstring)."""
+    import math
+
+    from pydoc_data.topics import topics
+
+    paras = [" ".join(p.split()) for t in topics.values() for p in t.split("\n\n") if len(p.split()) > 5]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(rows):
+        want = int(min(6000, max(20, math.exp(math.log(median_words) + 0.9 * rng.gauss(0, 1)))))
+        i, words = rng.randrange(len(paras)), []
+        while len(words) < want:
+            words += paras[i % len(paras)].split()
+            i += 1
+        out.append(" ".join(words[:want]))
+    return out
+
+
+def write_input(folder: Path, rows: int, words: int, text: str = "pydoc", files: int = 8) -> None:
     rng = random.Random(0)
     folder.mkdir(parents=True, exist_ok=True)
+    texts = real_texts(rows, words) if text == "pydoc" else \
+        [" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(rows)]
     per = -(-rows // files)
     for f in range(files):
         ids = list(range(f * per, min(rows, (f + 1) * per)))
-        texts = [" ".join(rng.choice(WORDS) for _ in range(words)) for _ in ids]
-        pq.write_table(pa.table({"id": ids, "text": texts}), folder / f"part-{f:03d}.parquet", row_group_size=512)
+        pq.write_table(pa.table({"id": ids, "text": [texts[i] for i in ids]}), folder / f"part-{f:03d}.parquet",
+                       row_group_size=512)
+
+
+COLD_START = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+from hymba_batch.model import load_model
+from hymba_batch.model.engine import Engine, EngineConfig, SamplingParams
+t1 = time.perf_counter()
+model = load_model(sys.argv[1], device="cuda", dtype=torch.bfloat16)
+torch.cuda.synchronize()
+t2 = time.perf_counter()
+engine = Engine(model, EngineConfig(memory_fraction=0.45))
+t3 = time.perf_counter()
+engine.generate([[1] + list(range(100, 900))] * 8 + [[1] + list(range(5, 300))] * 8,
+                SamplingParams(max_new_tokens=4, ignore_eos=True))
+torch.cuda.synchronize()
+t4 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "engine_init_s": t3 - t2, "first_batch_s": t4 - t3,
+                  "total_s": t4 - t0}))
+"""
+
+
+def cold_start(ckpt: Path, work: Path) -> dict:
+    """A fresh process to its first batch (16 prompts, 4 new tokens), twice: with an empty Triton
+    cache (a new node or image), then with the cache the first run filled."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_CACHE_DIR=str(work / "triton-cache"))
+    shutil.rmtree(env["TRITON_CACHE_DIR"], ignore_errors=True)
+    res = {}
+    for which in ("empty_cache", "warm_cache"):
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, "-c", COLD_START, str(ckpt)], env=env, capture_output=True, text=True)
+        if p.returncode != 0:
+            res[which] = {"error": p.stderr[-2000:]}
+            continue
+        res[which] = json.loads(p.stdout.strip().splitlines()[-1]) | {"process_s": time.perf_counter() - t}
+    return res
 
 
 def job(ckpt: Path, inp: Path, out: Path, a, gpus: int | None, k: int, device: str) -> dict:
@@ -97,11 +166,13 @@ def engine_only(ckpt: Path, inp: Path, a, device: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=20000)
-    ap.add_argument("--words", type=int, default=900, help="words per synthetic article")
-    ap.add_argument("--prompt-tokens", type=int, default=1024)
+    ap.add_argument("--words", type=int, default=420, help="median words per article (pydoc) or words per row (words)")
+    ap.add_argument("--text", choices=("pydoc", "words"), default="pydoc")
+    ap.add_argument("--cold-start", action="store_true", help="also time a fresh process to its first batch (GPU)")
+    ap.add_argument("--prompt-tokens", type=int, default=2048, help="task.max_input_tokens (longer rows truncated)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rows-per-unit", type=int, default=1024)
-    ap.add_argument("--in-flight", type=int, default=3)
+    ap.add_argument("--in-flight", type=int, default=None, help="resources.max_in_flight (default: auto)")
     ap.add_argument("--gpus", default="1,2")
     ap.add_argument("--actors-per-gpu", default="1,2,4")
     ap.add_argument("--workdir", default="/tmp/hymba-scale")
@@ -116,7 +187,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     cfg = tiny_config() if a.tiny else HymbaConfig.from_dict(real_config_dict())
     ckpt = write_checkpoint(work / "ckpt", cfg, seed=0, dtype=torch.float32 if a.tiny else torch.bfloat16)
-    write_input(work / "input", a.rows, a.words)
+    write_input(work / "input", a.rows, a.words, a.text)
     result: dict = {"bench": "pipeline_scale", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                     "gpus_visible": torch.cuda.device_count(), "torch": torch.__version__,
                     "python": platform.python_version(), "settings": vars(a)}
@@ -125,6 +196,12 @@ def main() -> None:
             os.makedirs(os.path.dirname(a.json_out) or ".", exist_ok=True)
             Path(a.json_out).write_text(json.dumps(result) + "\n")
 
+    if a.cold_start and device == "cuda":
+        result["cold_start"] = cs = cold_start(ckpt, work)
+        dump()
+        for which, r in cs.items():
+            print(f"cold start, {which}", *(f"{k} {v:.1f}" for k, v in r.items() if isinstance(v, float)),
+                  sep=" | ", flush=True)
     result["engine_only"] = base = engine_only(ckpt, work / "input", a, device)
     dump()
     rows_table = [("engine only", f"{base['rows_per_s']:.1f} rows/s warm",
@@ -146,13 +223,15 @@ def main() -> None:
             r = {"gpus": g, "actors_per_gpu": k, "seconds": dt, "rows_per_s": a.rows / dt,
                  "vs_engine_only": (a.rows / dt) / base["rows_per_s"],
                  "vs_engine_only_with_load": (a.rows / dt) / base["rows_per_s_with_load"],
-                 "completion_tokens": summary.completion_tokens}
+                 "completion_tokens": summary.completion_tokens, "prompt_tokens": summary.prompt_tokens,
+                 "time_split": summary.time_split}
             runs.append(r)
             result["runs"] = runs
             dump()
             rows_table.append((f"{g} GPU x {k} actors", f"{r['rows_per_s']:.1f} rows/s (whole job, actor start incl.)",
                                f"x{r['vs_engine_only']:.2f} engine-only warm, "
-                               f"x{r['vs_engine_only_with_load']:.2f} with its load"))
+                               f"x{r['vs_engine_only_with_load']:.2f} with its load",
+                               " ".join(f"{k2} {v:.1f}" for k2, v in summary.time_split.items())))
             print(*rows_table[-1], sep=" | ", flush=True)
     result["runs"] = runs
     best = {}

@@ -36,6 +36,8 @@ class EngineConfig:
     memory_fraction: float = 0.9            # of the GPU's memory this engine may use in all
     max_num_seqs: int = 4096                # sequences resident at once (cache slots)
     max_batch_tokens: int = 8192            # prompt tokens per prefill step
+    max_chunk_tokens: int | None = 1024     # one sequence's tokens per prefill step (None: no cap;
+                                            # measured: see scheduler.py)
     block_size: int = 64                    # tokens per paged block (global layers)
     ssm_state_dtype: torch.dtype = torch.float32
     expected_context: int = 2048            # tokens a sequence is sized for when planning blocks
@@ -55,7 +57,7 @@ class Engine:
                            config.ssm_state_dtype, config.expected_context)
         self.cache = KVCache(model, shape)
         self.runner = ModelRunner(model, self.cache, config.cuda_graphs)
-        self.scheduler = Scheduler(self.cache, config.max_batch_tokens)
+        self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_chunk_tokens)
         self._ids = itertools.count()
         self._done: list[RequestOutput] = []  # finished outside a step (rejected requests)
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "prefill_s": 0.0, "decode_s": 0.0}

@@ -2,34 +2,20 @@
 continuing from their cached state) or a decode of one token for every running sequence.
 
 The two ``*Ops`` classes implement ``hymba.SequenceOps`` over the ``KVCache``; the layer math
-itself stays in ``hymba.py``. Prefill attention has two paths (``prefill_attention_backend``).
-Decode optionally runs under CUDA graphs, one per batch bucket.
+itself stays in ``hymba.py``. Prefill attention is packed varlen over the cache (a Triton kernel on
+CUDA, its plain-PyTorch twin elsewhere): nothing is padded, so a step's time and memory follow its
+real tokens. Decode optionally runs under CUDA graphs, one per batch bucket.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..hymba import HymbaForCausalLM, rope_cos_sin
-from ..kernels.attention import attention_decode, attention_prefill, attention_sdpa, gather_cache
+from ..kernels.attention import attention_decode, attention_prefill
 from ..kernels.conv import causal_conv1d_update, causal_conv1d_varlen
 from ..kernels.scan import selective_scan_varlen, selective_state_update
 from .cache import KVCache
-
-
-def prefill_attention_backend() -> str:
-    """``HYMBA_PREFILL_ATTENTION``: ``sdpa`` (default) pads each step's sequences to
-    [meta | history | chunk] and runs SDPA with a dense mask; ``triton`` runs the packed varlen
-    kernel of kernels/_attn_prefill_triton.py (its plain-PyTorch twin off CUDA), which reads the
-    history in place. On the H200 the kernel's ring variant was 4.4x faster than this SDPA path per
-    layer; its paged variant first crashed ptxas (Triton 3.6) and, fixed since, has not yet been run
-    on a GPU, nor has the engine with it: opt-in until measured."""
-    name = os.environ.get("HYMBA_PREFILL_ATTENTION", "sdpa")
-    if name not in ("sdpa", "triton"):
-        raise ValueError(f"HYMBA_PREFILL_ATTENTION must be 'sdpa' or 'triton', not {name!r}")
-    return name
 
 
 class PrefillOps:
@@ -51,54 +37,13 @@ class PrefillOps:
         self.row_i = torch.arange(sum(lengths), device=dev) - self.cu[:-1].long()[self.row_b]
         self.row_m = self.start[self.row_b] + self.row_i
         self.cos, self.sin = rope_cos_sin(cfg, self.row_m + cfg.num_memory_tokens, cache.shape.dtype)
-        self.q_valid = torch.arange(self.Lmax, device=dev)[None, :] < lens[:, None]  # [B, Lmax]
-        self.q_pos = self.start[:, None] + torch.arange(self.Lmax, device=dev)[None, :]
         self.kv: dict[int, tuple[torch.Tensor, ...]] = {}
         self.last_rows = self.cu[1:].long() - 1
-        self.sdpa = prefill_attention_backend() == "sdpa"
 
     def _max_hist(self, window: int | None) -> int:
         """Most cached tokens any query of this step sees (a host int: no device sync)."""
         most = max(self.starts_host)
         return most if window is None else min(most, window)
-
-    def _keys(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Assemble [meta | cached history | this chunk] keys per sequence, padded, with a mask;
-        then write the chunk into the cache."""
-        cfg, cache = self.cfg, self.cache
-        kind, ck, cv = cache.kv[layer]
-        window = None if cfg.is_global(layer) else cfg.sliding_window
-        B, dev = self.B, k.device
-        first = torch.zeros_like(self.start) if window is None else (self.start - window).clamp(min=0)
-        hist_len = self.start - first
-        Hmax = self._max_hist(window)
-        ar = torch.arange(Hmax, device=dev)
-        h_pos = first[:, None] + ar[None, :]
-        h_valid = ar[None, :] < hist_len[:, None]
-        h_pos_safe = h_pos.where(h_valid, torch.zeros_like(h_pos))
-        table = cache.block_table if kind == "paged" else None
-        hk = gather_cache(ck, self.slot_idx, h_pos_safe, table)  # [B, Hmax, nkv, d]
-        hv = gather_cache(cv, self.slot_idx, h_pos_safe, table)
-        nkv = k.shape[1]
-        ck_chunk = k.new_zeros(B, self.Lmax, nkv, k.shape[2])
-        cv_chunk = v.new_zeros(B, self.Lmax, nkv, v.shape[2])
-        ck_chunk[self.row_b, self.row_i] = k
-        cv_chunk[self.row_b, self.row_i] = v
-        M = cfg.num_memory_tokens
-        mk, mv = cache.meta_k[layer], cache.meta_v[layer]
-        K = torch.cat([mk.expand(B, *mk.shape), hk, ck_chunk], 1).transpose(1, 2)  # [B, nkv, Tk, d]
-        V = torch.cat([mv.expand(B, *mv.shape), hv, cv_chunk], 1).transpose(1, 2)
-        key_pos = torch.cat([h_pos, self.q_pos], 1)                      # [B, Hmax+Lmax] real positions
-        key_ok = torch.cat([h_valid, self.q_valid], 1)
-        qp, kp = self.q_pos[:, :, None], key_pos[:, None, :]
-        vis = key_ok[:, None, :] & (kp <= qp)
-        if window is not None:
-            vis &= (qp - kp) <= window
-        meta_vis = torch.ones(B, self.Lmax, M, dtype=torch.bool, device=dev)
-        mask = torch.cat([meta_vis, vis], 2)
-        mask[:, :, 0] |= ~self.q_valid  # padded query rows see one key (no NaN rows)
-        self._write_chunk(layer, k, v)
-        return K, V, mask[:, None]
 
     def _write_chunk(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store this step's chunk K/V in the producer's cache (only what later queries need)."""
@@ -117,8 +62,6 @@ class PrefillOps:
 
     def attention(self, layer, q, k, v):
         cfg = self.cfg
-        if self.sdpa:
-            return self._attention_sdpa(layer, q, k, v)
         p = cfg.kv_producer[layer]
         if k is not None:
             self.kv[layer] = (k, v)
@@ -133,16 +76,6 @@ class PrefillOps:
             self._write_chunk(p, k, v)
             del self.kv[p]
         return out
-
-    def _attention_sdpa(self, layer, q, k, v):
-        cfg = self.cfg
-        if k is not None:
-            self.kv[layer] = self._keys(layer, k, v)
-        K, V, mask = self.kv[cfg.kv_producer[layer]]
-        qq = q.new_zeros(self.B, self.Lmax, q.shape[1], q.shape[2])
-        qq[self.row_b, self.row_i] = q
-        out = attention_sdpa(qq.transpose(1, 2), K, V, mask)  # [B, nh, Lmax, dv]
-        return out.transpose(1, 2)[self.row_b, self.row_i].reshape(q.shape[0], -1)
 
     def conv(self, layer, s, weight, bias):
         return causal_conv1d_varlen(s, weight, bias, self.cu, self.cache.conv[layer], self.slot_idx)

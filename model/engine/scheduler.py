@@ -10,6 +10,14 @@ Admission waits for a worthwhile prefill: while sequences are decoding, new ones
 only when an eighth of the slots is free or the admissible prompts fill half a prefill step.
 Otherwise, in a stream of requests that finish one by one, every decode step would be followed
 by a prefill step of one or two prompts, paying a whole step's fixed cost for a few tokens.
+
+``max_chunk_tokens`` caps one sequence's chunk in a step. The selective scan runs each sequence's
+tokens in order, so a step lasts as long as its longest chunk's scan: capping it keeps a step of
+mixed lengths as short as a step of uniform ones (the rest of the long prompt runs in the next
+steps, beside other sequences). Measured on the H200 (jobs/bench/results/
+engine-chunk-caps-h200-2026-12-04.json, half-size M and L, one run each): with a cap of 1,024,
+M 75.1 docs/s (2,048: 72.5; no cap: 39.8 as the run's first workload, 58.8 at full size in an
+earlier run) and L 10.9 (2,048: 7.1; no cap: 9.1).
 """
 
 from __future__ import annotations
@@ -62,9 +70,10 @@ class DecodeBatch:
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, max_batch_tokens: int):
+    def __init__(self, cache: KVCache, max_batch_tokens: int, max_chunk_tokens: int | None = None):
         self.cache = cache
         self.max_batch_tokens = max_batch_tokens
+        self.max_chunk_tokens = max_chunk_tokens or max_batch_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: dict[Sequence, None] = {}  # an ordered set: admission order, O(1) removal
         self.admit_slots = max(1, (cache.shape.num_slots - 1) // 8)
@@ -84,7 +93,7 @@ class Scheduler:
         return self._decode()
 
     def _chunk(self, batch: PrefillBatch, seq: Sequence, budget: int) -> int:
-        n = min(seq.pending, budget)
+        n = min(seq.pending, budget, self.max_chunk_tokens)
         if not self.cache.reserve_blocks(seq.slot, seq.num_cached + n):
             return 0
         batch.seqs.append(seq)

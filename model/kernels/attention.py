@@ -4,7 +4,7 @@ V wider than Q/K, and per layer either global causal or sliding-window-plus-meta
 Mask on meta-inclusive indices (project convention, design.md §3): key j is visible to query i
 when ``j <= i`` and, on sliding-window layers, ``i - j <= window or j < num_meta``.
 
-Three uses: uncached (``attention_ref``, ``attention_sdpa``), decode of one token per sequence over
+Three uses: uncached (``attention_ref``), decode of one token per sequence over
 the engine's caches (``attention_decode``), and packed varlen prefill chunks continuing from
 those caches (``attention_prefill``); each cached op dispatches to a Triton kernel or its twin.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def hymba_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, window: int | None, num_meta: int) -> torch.Tensor:
@@ -41,18 +40,6 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torc
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     out = (p @ vv).to(q.dtype)  # [nh, Tq, dv]
     return out.transpose(0, 1).reshape(q.shape[0], -1)
-
-
-def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Batched fast path: q [B, nh, Tq, d]; k [B, nkv, Tk, d]; v [B, nkv, Tk, dv];
-    mask [B, 1, Tq, Tk] bool. Returns [B, nh, Tq, dv]. Uses PyTorch SDPA (cuDNN / efficient
-    kernels chosen by PyTorch); GQA natively on CUDA, by expanding KV heads on the CPU."""
-    nh, nkv = q.shape[1], k.shape[1]
-    if nh != nkv and not q.is_cuda:
-        k = k.repeat_interleave(nh // nkv, dim=1)
-        v = v.repeat_interleave(nh // nkv, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(q.shape[-1]),
-                                          enable_gqa=nh != nkv)
 
 
 # ---- decode over the engine's caches -----------------------------------------------------------
@@ -133,6 +120,9 @@ def attention_decode(q, meta_k, meta_v, cache_k, cache_v, slot_idx, ctx_len, win
 # the chunk into the cache only after every layer that reads it has run).
 
 
+PREFILL_REF_QUERY_BLOCK = 128  # query rows per attention_ref call: memory ~ block x visible keys
+
+
 def attention_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta_k: torch.Tensor,
                           meta_v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                           slot_idx: torch.Tensor, start: torch.Tensor, cu: torch.Tensor,
@@ -140,11 +130,16 @@ def attention_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, met
     """q [T, nh, d], k [T, nkv, d], v [T, nkv, dv] packed chunks; meta_k [M, nkv, d], meta_v
     [M, nkv, dv] shared by all; cache_* ring (block_table None) or paged; slot_idx [B]; start [B]
     tokens already cached per sequence; cu [B+1] (cu[0] = 0, cu[B] = T). Returns [T, nh*dv] in
-    q.dtype, softmax in fp32. One ``attention_ref`` call per sequence over
-    [meta | history | chunk] with meta-inclusive indices."""
+    q.dtype, softmax in fp32.
+
+    Per sequence, its [meta | history | chunk] keys are assembled once; then each block of
+    ``PREFILL_REF_QUERY_BLOCK`` queries runs ``attention_ref`` over the meta keys and only the real
+    keys that block can see. Nothing is padded to the step's longest sequence, so memory is bounded
+    by the block size times the visible context, whatever the mix of lengths in the step."""
     M = meta_k.shape[0]
     dev = q.device
     out = q.new_empty(q.shape[0], q.shape[1] * meta_v.shape[-1])
+    meta_idx = torch.arange(M, device=dev)
     starts, bounds = start.tolist(), cu.tolist()
     for b, s0 in enumerate(starts):
         lo, hi = bounds[b], bounds[b + 1]
@@ -152,11 +147,17 @@ def attention_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, met
         pos = torch.arange(first, s0, device=dev)
         hk = gather_cache(cache_k, slot_idx[b:b + 1], pos[None], block_table)[0]
         hv = gather_cache(cache_v, slot_idx[b:b + 1], pos[None], block_table)[0]
-        keys = torch.cat([meta_k, hk, k[lo:hi]])
-        vals = torch.cat([meta_v, hv, v[lo:hi]])
-        k_idx = torch.cat([torch.arange(M, device=dev), M + torch.arange(first, s0 + hi - lo, device=dev)])
-        q_idx = M + torch.arange(s0, s0 + hi - lo, device=dev)
-        out[lo:hi] = attention_ref(q[lo:hi], keys, vals, q_idx, k_idx, window, M)
+        real_k = torch.cat([hk, k[lo:hi]])  # real positions first .. s0 + (hi - lo) - 1
+        real_v = torch.cat([hv, v[lo:hi]])
+        for i0 in range(0, hi - lo, PREFILL_REF_QUERY_BLOCK):
+            i1 = min(i0 + PREFILL_REF_QUERY_BLOCK, hi - lo)
+            k_lo = first if window is None else max(first, s0 + i0 - window)  # oldest visible real key
+            k_hi = s0 + i1                                                    # one past the newest
+            keys = torch.cat([meta_k, real_k[k_lo - first:k_hi - first]])
+            vals = torch.cat([meta_v, real_v[k_lo - first:k_hi - first]])
+            k_idx = torch.cat([meta_idx, M + torch.arange(k_lo, k_hi, device=dev)])
+            q_idx = M + torch.arange(s0 + i0, s0 + i1, device=dev)
+            out[lo + i0:lo + i1] = attention_ref(q[lo + i0:lo + i1], keys, vals, q_idx, k_idx, window, M)
     return out
 
 

@@ -88,3 +88,14 @@ def test_engine_failure_restarts_the_actor_and_loses_nothing(ray_cluster, tiny_c
     assert summary.state == "succeeded" and summary.actor_restarts == 1 and summary.retried_units >= 1
     rows = _rows(str(out))
     assert len(rows) == n and len({r[:2] for r in rows}) == n
+
+
+def test_auto_in_flight_covers_twice_the_engine_slots():
+    """Unset resources.max_in_flight: units in flight whose rows cover 2 x the engine's slots, so
+    a unit boundary never leaves the engine without queued rows; bounded both ways."""
+    from hymba_batch.workers.pool import MAX_AUTO_IN_FLIGHT, in_flight_limit
+
+    assert in_flight_limit(2698, 625) == 10          # one H200 engine, 625-row units: 6,250 rows >= 5,396
+    assert in_flight_limit(2698, 625) * 625 >= 2 * 2698
+    assert in_flight_limit(100, 10_000) == 2         # big units: never fewer than 2
+    assert in_flight_limit(4095, 4) == MAX_AUTO_IN_FLIGHT

@@ -17,14 +17,7 @@ def _gen(model, prompts, n=12, **cfg):
     return [o.token_ids for o in outs], engine
 
 
-@pytest.fixture(params=["sdpa", "triton"])
-def prefill_attention(request, monkeypatch):
-    """Both prefill attention paths (on the CPU the triton path runs the kernel's PyTorch twin)."""
-    monkeypatch.setenv("HYMBA_PREFILL_ATTENTION", request.param)
-    return request.param
-
-
-def test_alone_equals_in_mixed_batch(tiny_model, rand_prompts, prefill_attention):
+def test_alone_equals_in_mixed_batch(tiny_model, rand_prompts):
     prompts = rand_prompts(6, 1, 45, seed=1)  # window is 16: some cross it
     mixed, _ = _gen(tiny_model, prompts)
     for p, m in zip(prompts, mixed):
@@ -32,7 +25,7 @@ def test_alone_equals_in_mixed_batch(tiny_model, rand_prompts, prefill_attention
         assert alone[0] == m
 
 
-def test_chunked_prefill_equals_whole_prefill(golden_model, golden, rand_prompts, prefill_attention):
+def test_chunked_prefill_equals_whole_prefill(golden_model, golden, rand_prompts):
     prompt = golden["prompt5.input_ids"].tolist()  # 72 tokens, window 16
     whole = Engine(golden_model, EngineConfig(max_batch_tokens=4096))
     chunked = Engine(golden_model, EngineConfig(max_batch_tokens=7))
@@ -46,29 +39,26 @@ def test_chunked_prefill_equals_whole_prefill(golden_model, golden, rand_prompts
     assert (last - ref).abs().max() <= 1e-5
     assert torch.allclose(chunked.cache.ssm[:, s2], whole.cache.ssm[:, s1], atol=1e-5)
     prompts = rand_prompts(5, 20, 60, seed=2)
-    assert _gen(golden_model, prompts, max_batch_tokens=9)[0] == _gen(golden_model, prompts)[0]
+    whole_ids = _gen(golden_model, prompts)[0]
+    assert _gen(golden_model, prompts, max_batch_tokens=9)[0] == whole_ids
 
 
-def test_prefill_attention_paths_agree(golden_model, rand_prompts, monkeypatch):
-    """sdpa and triton prefill paths: the same logits for mixed chunks over cached history that
-    crosses the sliding window (golden checkpoint: window 16, global and window layers)."""
-    prompts = rand_prompts(4, 30, 60, seed=3)
-    logits = {}
-    for path in ("sdpa", "triton"):
-        monkeypatch.setenv("HYMBA_PREFILL_ATTENTION", path)
-        engine = Engine(golden_model, EngineConfig())
-        slots = [engine.cache.allocate_slot() for _ in prompts]
-        for s, p in zip(slots, prompts):
-            engine.cache.reserve_blocks(s, len(p))
-        engine.runner.prefill(slots, [0] * 4, [p[:20] for p in prompts])  # history for the next step
-        logits[path] = engine.runner.prefill(slots, [20] * 4, [p[20:] for p in prompts])
-    assert (logits["sdpa"] - logits["triton"]).abs().max() <= 1e-5
+def test_chunk_cap_per_sequence(golden_model, rand_prompts):
+    """max_chunk_tokens: no chunk in a step is longer, several sequences still share a step, and
+    the tokens are those of whole prefills."""
+    prompts = rand_prompts(5, 20, 60, seed=2)
+    engine = Engine(golden_model, EngineConfig(max_chunk_tokens=7))
+    chunks = []
+    orig = engine.runner.prefill
 
+    def recording(slots, starts, cs):
+        chunks.append([len(c) for c in cs])
+        return orig(slots, starts, cs)
 
-def test_unknown_prefill_attention_path_is_refused(tiny_model, monkeypatch):
-    monkeypatch.setenv("HYMBA_PREFILL_ATTENTION", "flash")
-    with pytest.raises(ValueError, match="HYMBA_PREFILL_ATTENTION"):
-        _gen(tiny_model, [[1, 2, 3]])
+    engine.runner.prefill = recording
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    assert [o.token_ids for o in outs] == _gen(golden_model, prompts)[0]
+    assert max(max(c) for c in chunks) == 7 and max(len(c) for c in chunks) == 5
 
 
 def test_preemption_under_a_tiny_pool_gives_the_same_tokens(tiny_model, rand_prompts):

@@ -180,6 +180,19 @@ def test_ref_equals_engine_sdpa_path(kernel_device, kind, window):
     assert visible_pairs(starts, lens, window, M) == real_rows
 
 
+@pytest.mark.parametrize("kind,window", [("ring", 16), ("paged", None), ("paged", 16)])
+def test_ref_query_blocks_change_nothing(monkeypatch, kind, window):
+    """The ref's query blocks (3 rows, so blocks cut every chunk and the window inside a block)
+    give what one block per chunk gives."""
+    from hymba_batch.model.kernels import attention
+
+    case = make_case(kind, torch.float32, STARTS, LENS, window=window, seed=4)
+    monkeypatch.setattr(attention, "PREFILL_REF_QUERY_BLOCK", 10_000)
+    whole = attention_prefill_ref(**case)
+    monkeypatch.setattr(attention, "PREFILL_REF_QUERY_BLOCK", 3)
+    check(attention_prefill_ref(**case), whole)
+
+
 # ---- CPU (Triton interpreter) vs the ref ------------------------------------------------------
 
 # window 16 (ring holds 17): histories and chunks shorter than, equal to and longer than 17,
