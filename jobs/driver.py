@@ -128,6 +128,21 @@ def input_options(spec: JobSpec) -> InputOptions:
                         version=i.version, snapshot_id=i.snapshot_id, catalog=tuple(sorted(i.catalog.items())))
 
 
+_SECRET_WORDS = ("secret", "token", "password", "credential", "key")
+
+
+def spec_record(spec: JobSpec) -> dict[str, Any]:
+    """The spec as the manifest records it: catalog properties that look like secrets
+    (``s3.secret-access-key``, ``token``, ``credential`` ...) are redacted."""
+    doc = spec.model_dump(mode="json")
+    for section in ("input", "output"):
+        cat = doc.get(section, {}).get("catalog") or {}
+        for k in cat:
+            if any(w in k.lower() for w in _SECRET_WORDS):
+                cat[k] = "<redacted>"
+    return doc
+
+
 def job_sink(spec: JobSpec) -> Sink:
     """The output sink of the spec (pipeline/sinks.py)."""
     o = spec.output
@@ -291,7 +306,7 @@ def run_job(spec: JobSpec, restart: bool = False, reporter: Reporter | None = No
         return _execute(spec, plan, out, status, t0, reporter,
                         lambda: _committed_manifest(out, plan) or out.finalize(plan.units, {
                             "job": spec.name, "job_id": job_id, "fingerprint": plan.fingerprint,
-                            "fingerprint_parts": plan.parts, "spec": spec.model_dump(mode="json"),
+                            "fingerprint_parts": plan.parts, "spec": spec_record(spec),
                             "input_format": plan.format, "input_source": plan.source,
                             "started_at": t0, "elapsed_s": time.time() - t0},
                             publish=lambda pairs: sink.publish(out, pairs)))
@@ -317,7 +332,7 @@ def run_job(spec: JobSpec, restart: bool = False, reporter: Reporter | None = No
             lease.check()
             return state.commit(run_id, sel, plan.units, {
                 "job": spec.name, "fingerprint": plan.fingerprint, "fingerprint_parts": plan.parts,
-                "spec": spec.model_dump(mode="json"), "started_at": t0, "elapsed_s": time.time() - t0,
+                "spec": spec_record(spec), "started_at": t0, "elapsed_s": time.time() - t0,
                 "input_format": plan.format, "input_source": plan.source,
                 "removed_orphan_parts": orphans, "lease_taken_over": lease.took_over},
                 publish=lambda pairs: sink.publish(out, pairs))

@@ -68,3 +68,15 @@ def test_iceberg_snapshot_and_missing_table(tmp_path, tokenizer_dir) -> None:
         list_iceberg_files("news.nothing", props, None)
     with pytest.raises(InputError, match="no snapshot 12345"):
         list_iceberg_files("news.articles", props, 12345)
+
+
+def test_catalog_secrets_stay_out_of_the_manifest(tmp_path) -> None:
+    from hymba_batch.jobs.driver import spec_record
+
+    props = {"type": "rest", "uri": "https://cat.example", "credential": "id:s3cr3t", "s3.secret-access-key": "Zq9Xw7"}
+    spec = spec_for(tmp_path, "news.a", str(tmp_path / "o"), input={"format": "iceberg", "catalog": props},
+                    output={"format": "iceberg", "table": "news.b", "catalog": props})
+    doc = spec_record(spec)
+    text = str(doc)
+    assert "s3cr3t" not in text and "Zq9Xw7" not in text
+    assert doc["input"]["catalog"]["uri"] == "https://cat.example"
