@@ -19,7 +19,7 @@ import hashlib
 import json
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -31,8 +31,10 @@ from hymba_batch.pipeline.history import HISTORY_FILE, History, totals
 from hymba_batch.pipeline.incremental import RunState, Selection, check_run_id, new_run_id
 from hymba_batch.pipeline.lease import Lease
 from hymba_batch.pipeline.prompts import PromptConfig, template_variables
-from hymba_batch.pipeline.shards import (InputFile, WorkUnit, check_schema, list_input_files, plan_units,
-                                         read_footers)
+from hymba_batch.pipeline.formats import InputOptions, list_input, plan_input
+from hymba_batch.pipeline.openai_batch import MESSAGES_COLUMN
+from hymba_batch.pipeline.shards import InputFile, WorkUnit
+from hymba_batch.pipeline.sinks import Sink, SinkOptions, make_sink
 from hymba_batch.pipeline.unit import OutputConfig, SamplingConfig, UnitResult
 from hymba_batch.pipeline.writer import RESERVED_COLUMNS
 
@@ -54,6 +56,8 @@ class Plan:
     units: list[WorkUnit]
     fingerprint: str
     parts: dict[str, Any]
+    format: str = "parquet"  # the input format
+    source: dict[str, Any] = field(default_factory=dict)  # the input's snapshot (a Delta version)
 
     @property
     def total_rows(self) -> int:
@@ -165,43 +169,83 @@ def _extra_columns(spec: JobSpec) -> set[str]:
     return ({"samples"} if spec.task.n > 1 else set()) | ({"chunks"} if spec.task.long_input == "map_reduce" else set())
 
 
-def plan_job(spec: JobSpec, files: list[InputFile] | None = None, incremental: bool = False) -> Plan:
-    """List the input (or take ``files``), read footers, check columns, cut units, fingerprint."""
-    files = list_input_files(spec.input.uri) if files is None else files
-    metas = read_footers(files) if files else []
+def input_options(spec: JobSpec) -> InputOptions:
+    """The plain input options of the spec (pipeline/formats.py)."""
+    i = spec.input
+    return InputOptions(uri=i.uri, format=i.format, rows_per_unit=i.rows_per_unit,
+                        text_column=None if i.format == "openai_batch" else i.text_column,
+                        version=i.version, snapshot_id=i.snapshot_id, catalog=tuple(sorted(i.catalog.items())))
+
+
+_SECRET_WORDS = ("secret", "token", "password", "credential", "key")
+
+
+def spec_record(spec: JobSpec) -> dict[str, Any]:
+    """The spec as the manifest records it: catalog properties that look like secrets
+    (``s3.secret-access-key``, ``token``, ``credential`` ...) are redacted."""
+    doc = spec.model_dump(mode="json")
+    for section in ("input", "output"):
+        cat = doc.get(section, {}).get("catalog") or {}
+        for k in cat:
+            if any(w in k.lower() for w in _SECRET_WORDS):
+                cat[k] = "<redacted>"
+    return doc
+
+
+def job_sink(spec: JobSpec) -> Sink:
+    """The output sink of the spec (pipeline/sinks.py)."""
+    o = spec.output
+    return make_sink(SinkOptions(uri=o.uri, format=o.format, model_name=Path(spec.model.path).name or "hymba",
+                                 id_column=spec.input.id_column, app_id=f"hymba-batch:{spec.name}",
+                                 table=o.table, catalog=tuple(sorted(o.catalog.items()))))
+
+
+def plan_job(spec: JobSpec, files: list[InputFile] | None = None, incremental: bool = False,
+             source: dict[str, Any] | None = None) -> Plan:
+    """List the input (or take ``files``), read footers or scan lines, check columns, cut
+    units, fingerprint; the source snapshot (a Delta version) goes into the plan."""
     t = spec.task
     required = set(template_variables(t.template)) if t.kind == "template" and t.template else set()
     if spec.input.id_column:
         required.add(spec.input.id_column)
-    text_column = spec.input.text_column
+    opts = input_options(spec)
     if spec.input.messages_column:
         required.add(spec.input.messages_column)
-        text_column = None
+        opts = replace(opts, text_column=None)
     reserved = set(RESERVED_COLUMNS) | set(enrich_config(spec).column_names()) | _extra_columns(spec)
-    for f, m in zip(files, metas):
-        check_schema(f, m, text_column, required, reserved)
-    units = plan_units(files, metas, spec.input.rows_per_unit)
-    parts = fingerprint_parts(spec, None if incremental else files)
-    return Plan(files, units, fingerprint(parts), parts)
+    ip = plan_input(opts, required, reserved, files, source=source)
+    parts = fingerprint_parts(spec, None if incremental else ip.files)
+    if ip.format != "parquet":  # parquet jobs keep their earlier fingerprints
+        parts["input"]["format"] = ip.format
+        if ip.source and not incremental:
+            parts["input"]["source"] = ip.source
+    return Plan(ip.files, ip.units, fingerprint(parts), parts, ip.format, ip.source)
 
 
-def actor_config(spec: JobSpec, device: str, actors_per_gpu: int, job_id: str = "") -> ActorConfig:
+def actor_config(spec: JobSpec, device: str, actors_per_gpu: int, input_format: str = "parquet",
+                 job_id: str = "") -> ActorConfig:
     """The plain config every actor of this job is built from."""
     from hymba_batch.workers.actor import ActorConfig
 
     t = spec.task
+    prompt = PromptConfig(kind=t.kind, text_column=None if spec.input.messages_column else spec.input.text_column,
+                          prompt=_prompt_text(spec), template=t.template, system=t.system, chat=t.chat,
+                          max_input_tokens=t.max_input_tokens, truncation=t.truncation,
+                          messages_column=spec.input.messages_column, long_input=t.long_input)
+    if input_format == "openai_batch":  # the request's messages are the prompt
+        prompt = PromptConfig(kind="messages", text_column=MESSAGES_COLUMN, chat=True,
+                              max_input_tokens=t.max_input_tokens, truncation="error")
+    sink = job_sink(spec)
     return ActorConfig(
         model_path=spec.model.path, dtype=spec.model.dtype, device=device,
         memory_fraction=spec.model.memory_fraction / actors_per_gpu,
         cache_budget_bytes=spec.model.cache_budget_mb << 20 if spec.model.cache_budget_mb else None,
         max_num_seqs=spec.model.max_num_seqs, max_batch_tokens=spec.model.max_batch_tokens,
         cpu_threads=max(1, int(spec.resources.cpus_per_actor)) if device == "cpu" else None,
-        prompt=PromptConfig(kind=t.kind, text_column=None if spec.input.messages_column else spec.input.text_column,
-                            prompt=_prompt_text(spec), template=t.template, system=t.system, chat=t.chat,
-                            max_input_tokens=t.max_input_tokens, truncation=t.truncation,
-                            messages_column=spec.input.messages_column, long_input=t.long_input),
+        prompt=prompt,
         output=OutputConfig(uri=spec.output.uri, format=spec.output.format, mode=spec.output.mode,
-                            id_column=spec.input.id_column),
+                            id_column="custom_id" if input_format == "openai_batch" else spec.input.id_column,
+                            staging_uri=sink.staging_uri),
         sampling=SamplingConfig(max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p,
                                 top_k=t.top_k, seed=t.seed, min_new_tokens=t.min_new_tokens,
                                 repetition_penalty=t.repetition_penalty, presence_penalty=t.presence_penalty,
@@ -335,7 +379,9 @@ def run_job(spec: JobSpec, restart: bool = False, reporter: Reporter | None = No
     holds it); ``run_id`` names such a run (default: UTC time + random suffix).
     """
     t0 = time.time()
-    out = JobOutput(spec.output.uri, spec.output.format)
+    sink = job_sink(spec)
+    out = sink.job_output()
+    sink.prepare()
     if not (incremental or spec.schedule.incremental):
         plan = plan_job(spec)
         job_id = f"{spec.name}-{plan.fingerprint[:12]}"
@@ -344,16 +390,19 @@ def run_job(spec: JobSpec, restart: bool = False, reporter: Reporter | None = No
         return _execute(spec, plan, out, status, t0, reporter,
                         lambda: _committed_manifest(out, plan) or out.finalize(plan.units, {
                             "job": spec.name, "job_id": job_id, "fingerprint": plan.fingerprint,
-                            "fingerprint_parts": plan.parts, "spec": spec.model_dump(mode="json"),
-                            "started_at": t0, "elapsed_s": time.time() - t0}))
+                            "fingerprint_parts": plan.parts, "spec": spec_record(spec),
+                            "input_format": plan.format, "input_source": plan.source,
+                            "started_at": t0, "elapsed_s": time.time() - t0},
+                            publish=lambda pairs: sink.publish(out, pairs)))
     run_id = check_run_id(run_id or new_run_id())
     lease = Lease(spec.output.uri, run_id, spec.schedule.lease_ttl).acquire()
     try:
         parts = fingerprint_parts(spec, None)
         out.prepare(fingerprint(parts), parts, restart, keep=("lease.json", "lease.lock"))
         state = RunState(out)
-        sel: Selection = state.select(list_input_files(spec.input.uri))
-        plan = plan_job(spec, sel.todo, incremental=True)
+        _, listed, source = list_input(input_options(spec))
+        sel: Selection = state.select(listed)
+        plan = plan_job(spec, sel.todo, incremental=True, source=source)
         orphans = state.remove_orphans({u.unit_id for u in plan.units})
         done = out.committed(plan.units, strays="ignore")
         extra = {"run_id": run_id, "incremental": True, "new_files": len(sel.new),
@@ -367,8 +416,10 @@ def run_job(spec: JobSpec, restart: bool = False, reporter: Reporter | None = No
             lease.check()
             return state.commit(run_id, sel, plan.units, {
                 "job": spec.name, "fingerprint": plan.fingerprint, "fingerprint_parts": plan.parts,
-                "spec": spec.model_dump(mode="json"), "started_at": t0, "elapsed_s": time.time() - t0,
-                "removed_orphan_parts": orphans, "lease_taken_over": lease.took_over})
+                "spec": spec_record(spec), "started_at": t0, "elapsed_s": time.time() - t0,
+                "input_format": plan.format, "input_source": plan.source,
+                "removed_orphan_parts": orphans, "lease_taken_over": lease.took_over},
+                publish=lambda pairs: sink.publish(out, pairs))
 
         summary = _execute(spec, plan, out, status, t0, reporter, commit)
     finally:
@@ -407,7 +458,7 @@ def _execute(spec: JobSpec, plan: Plan, out: JobOutput, status: _Status, t0: flo
             import ray
 
             device, n, gpu_share, k = _placement(spec, ray.cluster_resources().get("GPU", 0))
-            pool = ActorPool(actor_config(spec, device, k, status.job_id), PoolConfig(
+            pool = ActorPool(actor_config(spec, device, k, plan.format, status.job_id), PoolConfig(
                 num_actors=n, num_gpus_per_actor=gpu_share, num_cpus_per_actor=spec.resources.cpus_per_actor,
                 max_in_flight=spec.resources.max_in_flight, max_attempts=spec.resources.max_attempts,
                 job_id=status.job_id))

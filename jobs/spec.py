@@ -57,9 +57,23 @@ class ModelSpec(_Strict):
 
 
 class InputSpec(_Strict):
-    uri: str = Field(description="Parquet input: s3://bucket/prefix/, a local folder, one file, or a glob. "
-                                 "Files and folders starting with '_' or '.' are skipped; Hive key=value "
-                                 "folders become columns.")
+    uri: str = Field(description="Input: s3://bucket/prefix/, a local folder, one file, or a glob (a Delta "
+                                 "table's root for format delta). Files and folders starting with '_' or '.' "
+                                 "are skipped; Hive key=value folders become columns (Parquet).")
+    format: Literal["parquet", "jsonl", "csv", "openai_batch", "delta", "iceberg"] | None = Field(
+        None, description="Input format: parquet, jsonl, csv (JSONL/CSV: units are byte ranges at line "
+                          "boundaries; a line that does not parse is a row error), openai_batch (OpenAI Batch "
+                          "API request JSONL), delta (a Delta Lake table at input.uri), iceberg (input.uri is "
+                          "the table's namespace.table in input.catalog). None: from the files' extension "
+                          "(.jsonl/.ndjson, .csv, else parquet).")
+    version: int | None = Field(None, ge=0, description="format delta: the table version to read (None: the "
+                                                        "latest); recorded in the manifest.")
+    snapshot_id: int | None = Field(None, description="format iceberg: the snapshot to read (None: the current "
+                                                      "one); recorded in the manifest.")
+    catalog: dict[str, str] = Field(default_factory=dict, description="format iceberg: pyiceberg catalog "
+                                    "properties (e.g. type: sql, uri: sqlite:///cat.db, warehouse: s3://b/wh; or "
+                                    "type: rest, uri: https://...; name: the catalog's name). Empty: pyiceberg's "
+                                    "own configuration (~/.pyiceberg.yaml, PYICEBERG_CATALOG__*).")
     text_column: str | None = Field("text", description="Column holding the text to process "
                                                         "(optional for task.kind=template).")
     id_column: str | None = Field(None, description="Column identifying a row; kept in results mode and used "
@@ -180,7 +194,15 @@ class TaskSpec(_Strict):
 class OutputSpec(_Strict):
     uri: str = Field(description="Output prefix (s3://bucket/prefix/ or a local folder); one file per unit, "
                                  "_hymba/manifest.json and _SUCCESS when complete.")
-    format: Literal["parquet", "arrow"] = Field("parquet", description="File format: parquet or Arrow IPC (arrow).")
+    format: Literal["parquet", "arrow", "openai_batch", "delta", "iceberg"] = Field(
+        "parquet", description="parquet or arrow (Arrow IPC): one file per unit plus a manifest; openai_batch: "
+                               "output.jsonl in the OpenAI Batch API's output shape; delta: a Delta Lake table at "
+                               "output.uri, one atomic commit per run; iceberg: appended to output.table in one "
+                               "snapshot per run (data files stay under output.uri).")
+    table: str | None = Field(None, description="format iceberg: the table (namespace.table), created from the "
+                                                "output's columns when it does not exist.")
+    catalog: dict[str, str] = Field(default_factory=dict, description="format iceberg: pyiceberg catalog "
+                                    "properties, as input.catalog.")
     mode: Literal["enrich", "results"] = Field("enrich", description="enrich: keep every input column; "
                                                                      "results: only the id column and the results.")
 
@@ -253,6 +275,19 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "JobSpec":
+        if self.output.format == "openai_batch" and self.input.format != "openai_batch" and not self.input.id_column:
+            raise ValueError("output.format 'openai_batch' needs a custom_id per row: input.format 'openai_batch' "
+                             "or input.id_column")
+        if self.output.format == "openai_batch" and self.schedule.incremental:
+            raise ValueError("output.format 'openai_batch' writes one output file per job; it has no incremental runs")
+        if self.output.format == "iceberg" and not self.output.table:
+            raise ValueError("output.table (namespace.table) is required when output.format is 'iceberg'")
+        if self.input.snapshot_id is not None and self.input.format != "iceberg":
+            raise ValueError("input.snapshot_id is only used with input.format 'iceberg'")
+        if self.input.version is not None and self.input.format != "delta":
+            raise ValueError("input.version is only used with input.format 'delta'")
+        if self.input.format == "openai_batch":
+            return self  # the prompt is the request's messages
         if self.input.messages_column:
             if self.task.kind == "template":
                 raise ValueError("input.messages_column is not used with task.kind 'template'")

@@ -20,16 +20,18 @@ import json
 import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.fs as pafs
 
-from .fs import delete_prefix, exists, read_json, resolve, write_json
+from .fs import Location, delete_prefix, exists, read_json, resolve, write_json
 from .shards import WorkUnit
 from .unit import UnitResult
 from .writer import read_part_info, unit_id_of
 
 META_DIR = "_hymba"
+# a sink's commit of a run's unit files: [(unit, its result)] -> what it committed (for the manifest)
+Publish = Callable[[list[tuple[WorkUnit, UnitResult]]], dict[str, Any]]
 
 
 class OutputConflict(RuntimeError):
@@ -44,8 +46,15 @@ def fingerprint(parts: dict[str, Any]) -> str:
 class JobOutput:
     """The output prefix of one job: its state files and its committed parts."""
 
-    def __init__(self, uri: str, fmt: str) -> None:
+    def __init__(self, uri: str, fmt: str, parts_uri: str | None = None, published: tuple[str, ...] = (),
+                 shared: bool = False) -> None:
+        """``parts_uri``: where the unit files are staged (default: the prefix itself);
+        ``published``: names a sink writes in the prefix at commit (not foreign files);
+        ``shared``: the prefix is a table other writers share (their files are not foreign,
+        and a restart never deletes files, which the table may already reference)."""
         self.loc = resolve(uri)
+        self.parts_loc = self.loc if parts_uri is None else resolve(parts_uri)
+        self.published, self.shared = set(published), shared
         self.uri, self.fmt = self.loc.uri(), fmt
         self.meta = self.loc.join(META_DIR)
         self.tmp = self.loc.join(META_DIR, "tmp")
@@ -54,16 +63,17 @@ class JobOutput:
         self.manifest_path = self.loc.join(META_DIR, "manifest.json")
         self.success_path = self.loc.join("_SUCCESS")
 
-    def _listing(self) -> list[pafs.FileInfo]:
-        if self.loc.fs.get_file_info(self.loc.path).type != pafs.FileType.Directory:
+    def _listing(self, loc: Location | None = None) -> list[pafs.FileInfo]:
+        loc = loc or self.loc
+        if loc.fs.get_file_info(loc.path).type != pafs.FileType.Directory:
             return []
-        sel = pafs.FileSelector(self.loc.path, recursive=False, allow_not_found=True)
-        return [i for i in self.loc.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+        sel = pafs.FileSelector(loc.path, recursive=False, allow_not_found=True)
+        return [i for i in loc.fs.get_file_info(sel) if i.type == pafs.FileType.File]
 
     def parts(self) -> dict[str, str]:
-        """unit id -> path of every data file of ours in the prefix."""
+        """unit id -> path of every data file of ours in the prefix (or its staging folder)."""
         out = {}
-        for info in self._listing():
+        for info in self._listing(self.parts_loc):
             uid = unit_id_of(info.path)
             if uid is not None and info.path.endswith("." + self.fmt):
                 out[uid] = info.path
@@ -72,9 +82,10 @@ class JobOutput:
     def prepare(self, fp: str, parts: dict[str, Any], restart: bool, keep: tuple[str, ...] = ()) -> str:
         """Claim the prefix for this fingerprint; returns 'new', 'resume' or 'restart'."""
         old = read_json(self.loc, self.job_path)
-        foreign = [posixpath.basename(i.path) for i in self._listing()
-                   if unit_id_of(i.path) is None and posixpath.basename(i.path) != "_SUCCESS"
-                   and not posixpath.basename(i.path).startswith(".")]
+        foreign = [] if self.shared else [
+            posixpath.basename(i.path) for i in self._listing()
+            if unit_id_of(i.path) is None and posixpath.basename(i.path) not in {"_SUCCESS"} | self.published
+            and not posixpath.basename(i.path).startswith(".")]
         if foreign or (old is None and self.parts()):
             names = foreign or sorted(self.parts())[:5]
             raise OutputConflict(f"output.uri {self.uri} holds files that are not this job's "
@@ -82,6 +93,10 @@ class JobOutput:
         parts = json.loads(json.dumps(parts, sort_keys=True, default=str))  # as stored: tuples become lists
         state = "new"
         if old is not None and old.get("fingerprint") != fp:
+            if restart and self.shared:
+                raise OutputConflict(f"output.uri {self.uri} is a table holding another job's output "
+                                     f"(fingerprint {old.get('fingerprint', '?')[:12]}); a restart would delete "
+                                     f"files the table references: write to a new table instead")
             if not restart and not self.released():
                 changed = sorted(k for k in set(parts) | set(old.get("parts", {}))
                                  if parts.get(k) != old.get("parts", {}).get(k))
@@ -117,10 +132,10 @@ class JobOutput:
     def clear(self, keep: tuple[str, ...] = ()) -> None:
         """Remove a previous job's files: the success marker and manifest first, then parts,
         then ``_hymba/`` except the names in ``keep`` (an incremental run keeps its lease)."""
-        for p in (self.success_path, self.manifest_path):
+        for p in (self.success_path, self.manifest_path, *(self.loc.join(n) for n in sorted(self.published))):
             delete_prefix(self.loc, p)
         for path in self.parts().values():
-            self.loc.fs.delete_file(path)
+            self.parts_loc.fs.delete_file(path)
         if not keep:
             delete_prefix(self.loc, self.meta)
             return
@@ -143,9 +158,9 @@ class JobOutput:
                                  f"({[posixpath.basename(found[s]) for s in stray[:3]]}); use --restart")
 
         def info(uid: str) -> tuple[str, UnitResult]:
-            rows, meta = read_part_info(self.loc, found[uid])
+            rows, meta = read_part_info(self.parts_loc, found[uid])
             if rows != by_id[uid].num_rows:
-                raise OutputConflict(f"{self.loc.uri(found[uid])}: {rows} rows, the unit has {by_id[uid].num_rows}")
+                raise OutputConflict(f"{self.parts_loc.uri(found[uid])}: {rows} rows, the unit has {by_id[uid].num_rows}")
             res = UnitResult.from_meta(meta)
             res.reused = True
             return uid, res
@@ -164,8 +179,10 @@ class JobOutput:
     def read_manifest(self) -> dict[str, Any] | None:
         return read_json(self.loc, self.manifest_path) if exists(self.loc, self.success_path) else None
 
-    def finalize(self, units: list[WorkUnit], manifest: dict[str, Any]) -> dict[str, Any]:
-        """Verify every unit is committed with its row count, then write manifest and _SUCCESS."""
+    def finalize(self, units: list[WorkUnit], manifest: dict[str, Any],
+                 publish: Publish | None = None) -> dict[str, Any]:
+        """Verify every unit is committed with its row count, then ``publish`` them (a table
+        sink's one transaction; its answer joins the manifest), then write manifest and _SUCCESS."""
         results = self.committed(units)
         missing = [u.unit_id for u in units if u.unit_id not in results]
         if missing:
@@ -184,6 +201,8 @@ class JobOutput:
                           "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                           "timings": r.timings, "worker": r.worker})
         manifest = dict(manifest)
+        if publish is not None:
+            manifest["published"] = publish([(u, results[u.unit_id]) for u in units])
         manifest.update({
             "files": files, "format": self.fmt, "committed_rows": committed_rows, "input_rows": input_rows,
             "error_rows": sum(r.error_rows for r in results.values()),

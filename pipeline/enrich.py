@@ -62,6 +62,7 @@ class RequestOptions:
 
     constraint: Any = None             # an object of the engine's constraint interface, or None
     max_new_tokens: int | None = None  # None: the job's
+    temperature: float | None = None   # None: the job's (an OpenAI Batch request's own)
     score_only: bool = False           # scoring: greedy, no penalties or min_new_tokens
     logprobs: bool = False
 

@@ -28,7 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .commit import JobOutput, OutputConflict
+from .commit import JobOutput, OutputConflict, Publish
 from .fs import delete_prefix, read_json, write_json
 from .shards import InputFile, WorkUnit
 from .unit import UnitResult
@@ -105,9 +105,11 @@ class RunState:
         if has_work:
             delete_prefix(self.out.loc, self.out.success_path)
 
-    def commit(self, run_id: str, sel: Selection, units: list[WorkUnit], info: dict[str, Any]) -> dict[str, Any]:
-        """Verify the run's units, write its manifest, the state (the commit point), the dataset
-        manifest, delete superseded files and write ``_SUCCESS``; returns the run's manifest."""
+    def commit(self, run_id: str, sel: Selection, units: list[WorkUnit], info: dict[str, Any],
+               publish: Publish | None = None) -> dict[str, Any]:
+        """Verify the run's units, write its manifest, ``publish`` them (a table sink's one
+        transaction, idempotent), write the state (the commit point), the dataset manifest,
+        delete superseded files and write ``_SUCCESS``; returns the run's manifest."""
         out = self.out
         results = out.committed(units, strays="ignore")
         missing = [u.unit_id for u in units if u.unit_id not in results]
@@ -118,6 +120,10 @@ class RunState:
         for u in units:
             by_file[u.file.uri].append((u, results[u.unit_id]))
         superseded = sorted(p for f in sel.changed for p in self.doc["files"][f.uri]["parts"])
+        if superseded and out.shared:
+            raise OutputConflict(f"cannot commit run {run_id}: input file(s) {[f.uri for f in sel.changed][:3]} "
+                                 f"changed since an earlier run, and a table output keeps the rows it committed; "
+                                 f"write the changed rows as new input files, or run into a new table")
         now = time.time()
         files = [{"path": part_name(u.unit_id, out.fmt), "unit_id": u.unit_id, "rows": r.rows,
                   "source_file": u.file.uri, "source_rows": [u.row_start, u.row_end], "error_rows": r.error_rows,
@@ -139,6 +145,8 @@ class RunState:
         if manifest["committed_rows"] != manifest["input_rows"]:
             raise OutputConflict(f"cannot commit run {run_id}: {manifest['committed_rows']} rows committed, "
                                  f"{manifest['input_rows']} input rows")
+        if publish is not None:
+            manifest["published"] = publish([(u, results[u.unit_id]) for u in units])
         write_json(out.loc, out.loc.join("_hymba", "runs", run_id, "manifest.json"), manifest, out.tmp)
         for f in sel.todo:
             pairs = by_file.get(f.uri, [])

@@ -1,6 +1,7 @@
 """Prompts: from a row to token ids, with the job's truncation policy.
 
-Three task kinds: ``summarize`` (an instruction, then the row's text), ``generate`` (the row's
+Task kinds: ``messages`` (the row holds a whole chat as JSON, e.g. an OpenAI Batch request;
+a prompt over the limit is a row error, never cut), ``summarize`` (an instruction, then the row's text), ``generate`` (the row's
 text is the prompt, after an optional instruction) and ``template`` (a jinja2 template over the
 row's columns, rendered in an immutable sandbox with undefined variables as errors). With
 ``chat`` the message goes through the checkpoint's chat template. A prompt longer than the limit
@@ -15,6 +16,7 @@ nothing of models or files.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -34,7 +36,7 @@ _ENV = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescap
 class PromptConfig:
     """How rows become prompts (a plain copy of the job spec's task fields)."""
 
-    kind: str = "summarize"  # summarize | generate | template
+    kind: str = "summarize"  # summarize | generate | template | messages
     text_column: str | None = "text"
     prompt: str | None = None
     template: str | None = None
@@ -85,6 +87,8 @@ class PromptBuilder:
     # -- message text -------------------------------------------------------------------------
     def _message(self, row: dict[str, Any], body: str | None) -> str:
         c = self.cfg
+        if c.kind == "messages":
+            return str(body)
         if c.kind == "summarize":
             return f"{c.prompt or DEFAULT_SUMMARIZE}\n\n{body}"
         if c.kind in ("generate", "classify"):
@@ -95,6 +99,8 @@ class PromptBuilder:
         return self.template.render({**row, c.text_column: body})
 
     def _full_text(self, message: str) -> str:
+        if self.cfg.kind == "messages":
+            return self.codec.chat_messages(json.loads(message))
         return self.codec.chat_text(message, self.cfg.system) if self.cfg.chat else message
 
     def _body(self, row: dict[str, Any]) -> str:
@@ -155,7 +161,7 @@ class PromptBuilder:
         return self.codec.encode_prompts([self._full_text(self._message(row, body))], self.cfg.chat)[0]
 
     def _fit(self, row: dict[str, Any], body: str, n_tokens: int) -> Prompt:
-        if self.cfg.truncation == "error":
+        if self.cfg.truncation == "error" or self.cfg.kind == "messages":
             return Prompt(None, error=f"prompt is {n_tokens} tokens, over the limit of {self.limit} "
                                       f"(task.truncation is 'error')")
         body_ids = self.codec.encode_fragment(body)

@@ -10,14 +10,13 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .fs import resolve
+from .fs import Location, resolve
 from .shards import InputError, WorkUnit
 
 
-def read_unit(unit: WorkUnit, columns: list[str] | None = None) -> pa.Table:
-    """The unit's rows (all columns, or ``columns``), partition columns appended."""
+def _check_unchanged(unit: WorkUnit, loc: Location) -> None:
+    """InputError if the unit's file is not the one the job planned (size and mtime)."""
     f = unit.file
-    loc = resolve(f.uri)
     try:
         info = loc.fs.get_file_info(loc.path)
     except OSError as e:  # S3 errors that outlived the retries name the bucket and key
@@ -28,6 +27,19 @@ def read_unit(unit: WorkUnit, columns: list[str] | None = None) -> pa.Table:
     if info.size != f.size or mtime != planned:
         raise InputError(f"{f.uri}: changed since the job was planned "
                          f"(size {f.size} -> {info.size}, mtime_ns {f.mtime_ns} -> {info.mtime_ns})")
+
+
+def read_unit(unit: WorkUnit, columns: list[str] | None = None) -> pa.Table:
+    """The unit's rows (all columns, or ``columns``), partition columns appended; units of
+    line-oriented formats are read by ``formats.read_format_unit`` after the same check."""
+    f = unit.file
+    loc = resolve(f.uri)
+    _check_unchanged(unit, loc)
+    if unit.span is not None:
+        from .formats import read_format_unit
+
+        table = read_format_unit(unit)
+        return table if columns is None else table.select([c for c in columns if c in table.column_names])
     part_names = {k for k, _, _ in f.partitions}
     file_cols = None if columns is None else [c for c in columns if c not in part_names]
     try:

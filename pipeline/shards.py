@@ -48,8 +48,21 @@ class InputFile:
 
 
 @dataclass(frozen=True)
+class TextSpan:
+    """Where a line-oriented unit (JSONL, CSV, OpenAI Batch) lies in its file: bytes
+    ``[start, end)`` beginning at 1-based line ``first_line``, and the planned column schema
+    (Arrow IPC bytes) every unit of the input is read into."""
+
+    start: int
+    end: int
+    first_line: int
+    schema: bytes = b""
+
+
+@dataclass(frozen=True)
 class WorkUnit:
-    """Rows ``[row_start, row_end)`` of one file, read through ``row_groups``."""
+    """Rows ``[row_start, row_end)`` of one file, read through ``row_groups`` (Parquet) or
+    the byte range ``span`` (line-oriented formats, ``format`` names which)."""
 
     unit_id: str
     file: InputFile
@@ -57,6 +70,8 @@ class WorkUnit:
     row_end: int
     row_groups: tuple[int, ...]
     first_group_row: int  # file row index of the first row of row_groups[0]
+    format: str = "parquet"  # the input format that reads it (pipeline/formats.py)
+    span: TextSpan | None = None
 
     @property
     def num_rows(self) -> int:

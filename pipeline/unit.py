@@ -15,12 +15,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from .enrich import EnrichConfig, Enricher
+import pyarrow as pa
+
+from .enrich import EnrichConfig, Enricher, RequestOptions
 from .fs import exists, resolve
 from .longdoc import MapReduce
-from .prompts import PromptBuilder, PromptConfig, row_seed
+from .prompts import Prompt, PromptBuilder, PromptConfig, row_seed
 from .reader import read_unit, text_values
 from .shards import WorkUnit
+from .textfiles import ROW_ERROR_COLUMN
 from .writer import RowResult, output_table, part_name, read_part_info, write_part
 
 if TYPE_CHECKING:
@@ -33,6 +36,16 @@ class OutputConfig:
     format: str = "parquet"
     mode: str = "enrich"
     id_column: str | None = None
+    staging_uri: str | None = None  # where unit files go when not in ``uri`` (sinks.py)
+
+    @property
+    def file_format(self) -> str:
+        """The format of the unit files: arrow, or Parquet (every table or batch sink stages Parquet)."""
+        return "arrow" if self.format == "arrow" else "parquet"
+
+    @property
+    def parts_uri(self) -> str:
+        return self.staging_uri or self.uri
 
 
 @dataclass(frozen=True)
@@ -62,8 +75,12 @@ class Generation:
     samples: list[list[int]] | None = None  # with n > 1: every sample's ids (token_ids is the first)
 
 
-# prompts, per-row seeds[, per-request enrich.RequestOptions] -> one Generation per prompt, in order
-GenerateFn = Callable[[list[list[int]], list[int]], list[Generation]]
+# prompts, per-row seeds[, per-request enrich.RequestOptions] -> one Generation per prompt, in order.
+# A reader that carries per-row sampling (OpenAI Batch requests) gives each request its own
+# RequestOptions (``max_new_tokens``, ``temperature``).
+GenerateFn = Callable[..., list[Generation]]
+# per-row sampling override columns a reader may add (dropped before the output is built)
+OVERRIDE_COLUMNS = {"_hymba_max_new_tokens": "max_new_tokens", "_hymba_temperature": "temperature"}
 
 
 @dataclass
@@ -106,10 +123,10 @@ class UnitRunner:
         self.prompt_cfg, self.output, self.sampling = prompt_cfg, output, sampling
         self.codec, self.generate, self.before_write = codec, generate, before_write
         self.generate_stats = generate_stats  # engine counters after a generate call (into timings)
-        self.out = resolve(output.uri)
+        self.out = resolve(output.parts_uri)
 
     def committed(self, unit: WorkUnit) -> UnitResult | None:
-        path = self.out.join(part_name(unit.unit_id, self.output.format))
+        path = self.out.join(part_name(unit.unit_id, self.output.file_format))
         if not exists(self.out, path):
             return None
         rows, meta = read_part_info(self.out, path)
@@ -125,6 +142,13 @@ class UnitRunner:
             return done
         t0 = time.perf_counter()
         table = read_unit(unit)
+        row_errors: list[str | None] = [None] * table.num_rows
+        if ROW_ERROR_COLUMN in table.column_names:  # lines the reader could not parse
+            row_errors = table.column(ROW_ERROR_COLUMN).to_pylist()
+            table = table.drop_columns([ROW_ERROR_COLUMN])
+        overrides = self._overrides(unit, table, row_errors)
+        if overrides is not None:
+            table = table.drop_columns([c for c in OVERRIDE_COLUMNS if c in table.column_names])
         cfg = self.prompt_cfg
         rows = table.to_pylist()
         if cfg.text_column is not None:
@@ -138,10 +162,16 @@ class UnitRunner:
                                   rows[i].get(id_col) if id_col else None) for i in range(len(rows))]
             t2 = time.perf_counter()  # the rounds are generation time
             prompts, final, chunks = MapReduce(self.prompts, self.generate).run(rows, all_seeds)
+            for i, err in enumerate(row_errors):
+                if err is not None:
+                    prompts[i], final[i] = Prompt(None, error=err), None
             todo = [i for i, g in enumerate(final) if g is not None]
             gens = [final[i] for i in todo]
         else:
             prompts = self.prompts.build_batch(rows)
+            for i, err in enumerate(row_errors):
+                if err is not None:
+                    prompts[i] = Prompt(None, error=err)
             todo = [i for i, p in enumerate(prompts) if p.token_ids is not None]
             seeds = [row_seed(self.sampling.seed, unit.file.uri, unit.row_start + i,
                               rows[i].get(id_col) if id_col else None) for i in todo]
@@ -151,6 +181,8 @@ class UnitRunner:
                 gens = []
             elif self.enricher is not None:
                 gens = self.enricher.run(self.generate, todo_prompts, seeds)  # type: ignore[arg-type]
+            elif overrides is not None:
+                gens = self.generate(todo_prompts, seeds, [RequestOptions(**overrides[i]) for i in todo])
             else:
                 gens = self.generate(todo_prompts, seeds)
         if len(gens) != len(todo):
@@ -188,9 +220,26 @@ class UnitRunner:
             res.timings.update(self.generate_stats())
         if self.before_write is not None:
             self.before_write(unit)
-        res.output_path = self.out.uri(self.out.join(part_name(unit.unit_id, self.output.format)))
+        res.output_path = self.out.uri(self.out.join(part_name(unit.unit_id, self.output.file_format)))
         res.timings["write_s"] = 0.0
         t5 = time.perf_counter()
-        write_part(self.out, out, unit.unit_id, self.output.format, res.to_meta())
+        write_part(self.out, out, unit.unit_id, self.output.file_format, res.to_meta())
         res.timings["write_s"] = time.perf_counter() - t5
         return res
+
+    def _overrides(self, unit: WorkUnit, table: pa.Table, row_errors: list[str | None]) -> list[dict[str, Any]] | None:
+        """Per-row sampling from the reader's override columns (None when it has none); a
+        request over the job's own limits becomes that row's error."""
+        cols = [c for c in OVERRIDE_COLUMNS if c in table.column_names]
+        if not cols:
+            return None
+        values = {c: table.column(c).to_pylist() for c in cols}
+        out: list[dict[str, Any]] = []
+        for i in range(table.num_rows):
+            o = {OVERRIDE_COLUMNS[c]: values[c][i] for c in cols if values[c][i] is not None}
+            limit = self.sampling.max_new_tokens
+            if o.get("max_new_tokens", 0) > limit and row_errors[i] is None:
+                row_errors[i] = (f"{unit.file.uri} row {unit.row_start + i}: max_tokens {o['max_new_tokens']} "
+                                 f"is over this job's limit of {limit} (task.max_new_tokens)")
+            out.append(o)
+        return out

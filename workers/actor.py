@@ -70,7 +70,8 @@ def request_params(s: SamplingConfig, seeds: list[int], options: list[RequestOpt
     for seed, o in zip(seeds, opts, strict=True):
         plain = o.score_only
         out.append(SamplingParams(
-            max_new_tokens=o.max_new_tokens or s.max_new_tokens, temperature=0.0 if plain else s.temperature,
+            max_new_tokens=o.max_new_tokens or s.max_new_tokens,
+            temperature=0.0 if plain else (s.temperature if o.temperature is None else o.temperature),
             top_p=s.top_p, top_k=s.top_k, seed=seed, stop_token_ids=(eos,),
             min_new_tokens=0 if plain else s.min_new_tokens,
             repetition_penalty=1.0 if plain else s.repetition_penalty,

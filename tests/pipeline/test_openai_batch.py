@@ -1,0 +1,123 @@
+"""OpenAI Batch files: request JSONL in, the Batch API's output JSONL out (local and S3),
+per-request max_tokens, the per-row errors for what this build cannot serve yet, and the
+clear errors for a line without custom_id and for duplicate custom_ids."""
+
+import json
+
+import boto3
+import pytest
+
+from hymba_batch.pipeline.formats import InputOptions, plan_input
+from hymba_batch.pipeline.shards import InputError
+from formathelpers import Crash, run_local, spec_for, write_jsonl
+
+
+def req(cid, content="Say hello.", **body):
+    return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "system", "content": "Be brief."},
+                                                          {"role": "user", "content": content}], **body}}
+
+
+REQUESTS = [
+    req("a"), req("b", max_tokens=2), req("c", temperature=0.5),
+    req("d", response_format={"type": "json_object"}), req("e", stop=["\n"]), req("f", n=2),
+    req("g", response_format={"type": "text"}, n=1, stop=None),
+    req("h", max_tokens=500),
+    {"custom_id": "i", "body": {"messages": [{"role": "robot", "content": "x"}]}},
+    req("j", [{"type": "text", "text": "Part one. "}, {"type": "text", "text": "Part two."}]),
+]
+
+
+def _spec(tokenizer_dir, inp, out, fmt="openai_batch"):
+    return spec_for(tokenizer_dir, inp, out, input={"format": "openai_batch", "rows_per_unit": 4},
+                    output={"format": fmt}, task={"max_new_tokens": 16})
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_batch_round_trip(tmp_path, tokenizer_dir, where, request) -> None:
+    src = write_jsonl(tmp_path / "batch.jsonl", REQUESTS)
+    if where == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        boto3.client("s3").upload_file(str(src), bucket, "in/batch.jsonl")
+        inp, out = f"s3://{bucket}/in/batch.jsonl", f"s3://{bucket}/out"
+    else:
+        inp, out = str(src), str(tmp_path / "out")
+    m = run_local(_spec(tokenizer_dir, inp, out), tokenizer_dir)
+    assert m["committed_rows"] == len(REQUESTS) and m["published"]["lines"] == len(REQUESTS)
+    if where == "s3":
+        body = boto3.client("s3").get_object(Bucket=bucket, Key="out/output.jsonl")["Body"].read().decode()
+    else:
+        body = (tmp_path / "out" / "output.jsonl").read_text()
+    lines = [json.loads(ln) for ln in body.splitlines()]
+    by_id = {ln["custom_id"]: ln for ln in lines}
+    assert [ln["custom_id"] for ln in lines] == [r["custom_id"] for r in REQUESTS]  # input order, once each
+    ok = by_id["a"]
+    assert ok["error"] is None and ok["response"]["status_code"] == 200 and ok["id"].startswith("batch_req_")
+    b = ok["response"]["body"]
+    assert b["object"] == "chat.completion" and b["choices"][0]["message"]["role"] == "assistant"
+    assert b["choices"][0]["finish_reason"] == "stop" and isinstance(b["choices"][0]["message"]["content"], str)
+    u = b["usage"]
+    assert u["prompt_tokens"] > 5 and u["completion_tokens"] == 4 and u["total_tokens"] == u["prompt_tokens"] + 4
+    short = by_id["b"]["response"]["body"]
+    assert short["usage"]["completion_tokens"] == 2 and short["choices"][0]["finish_reason"] == "length"
+    assert by_id["c"]["response"]["status_code"] == 200 and by_id["g"]["response"]["status_code"] == 200
+    assert by_id["j"]["response"]["status_code"] == 200
+    for cid, words in (("d", "response_format"), ("e", "body.stop"), ("f", "body.n=2"), ("h", "max_tokens 500"),
+                       ("i", "role")):
+        r = by_id[cid]["response"]
+        assert r["status_code"] == 400, cid
+        assert words in r["body"]["error"]["message"] and "batch.jsonl " in r["body"]["error"]["message"], cid
+    assert "not supported yet" in by_id["d"]["response"]["body"]["error"]["message"]
+
+
+def test_batch_output_published_once_after_crashes(tmp_path, tokenizer_dir) -> None:
+    src = write_jsonl(tmp_path / "batch.jsonl", REQUESTS[:5])
+    spec = _spec(tokenizer_dir, str(src), str(tmp_path / "out"))
+    with pytest.raises(Crash):
+        run_local(spec, tokenizer_dir, crash="before_publish")
+    assert not (tmp_path / "out" / "output.jsonl").exists()
+    with pytest.raises(Crash):
+        run_local(spec, tokenizer_dir, crash="after_publish")
+    m = run_local(spec, tokenizer_dir)
+    assert m["_reused_units"] == 2  # the staged unit files were reused, not regenerated
+    ids = [json.loads(ln)["custom_id"] for ln in (tmp_path / "out" / "output.jsonl").read_text().splitlines()]
+    assert ids == ["a", "b", "c", "d", "e"]
+    assert run_local(spec, tokenizer_dir)["committed_rows"] == 5  # the same job again: prefix accepted
+
+
+def test_batch_parquet_output_keeps_custom_id(tmp_path, tokenizer_dir) -> None:
+    import pyarrow.dataset as ds
+
+    src = write_jsonl(tmp_path / "batch.jsonl", REQUESTS[:3])
+    run_local(_spec(tokenizer_dir, str(src), str(tmp_path / "out"), fmt="parquet"), tokenizer_dir)
+    t = ds.dataset(str(tmp_path / "out"), format="parquet").to_table().sort_by("_source_row")
+    assert t.column("custom_id").to_pylist() == ["a", "b", "c"]
+    assert json.loads(t.column("messages")[0].as_py())[1] == {"role": "user", "content": "Say hello."}
+    assert "_hymba_max_new_tokens" not in t.column_names and "_hymba_temperature" not in t.column_names
+
+
+@pytest.mark.parametrize("lines,match", [
+    ([req("a"), {"method": "POST", "body": {}}], r"batch.jsonl line 2: the request has no custom_id"),
+    ([req("a"), req("b"), req("a")], r"batch.jsonl line 3: custom_id 'a' is used again \(first at .*line 1\)"),
+    ([req("a"), "{oops"], r"batch.jsonl line 2: not a JSON request line"),
+])
+def test_bad_batch_files_are_refused(tmp_path, lines, match) -> None:
+    src = write_jsonl(tmp_path / "batch.jsonl", lines)
+    with pytest.raises(InputError, match=match):
+        plan_input(InputOptions(uri=str(src), format="openai_batch", text_column=None), set(), set())
+
+
+def test_cli_refuses_duplicate_custom_ids_with_exit_2(tmp_path, tokenizer_dir, capsys) -> None:
+    import yaml
+
+    from hymba_batch.jobs.cli import main
+
+    src = write_jsonl(tmp_path / "batch.jsonl", [req("x"), req("x")])
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"model": {"path": str(tokenizer_dir)},
+                                    "input": {"uri": str(src), "format": "openai_batch"},
+                                    "output": {"uri": str(tmp_path / "out"), "format": "openai_batch"}}))
+    assert main(["validate", str(spec), "--plan"]) == 2
+    err = capsys.readouterr()
+    assert "batch.jsonl line 2: custom_id 'x' is used again" in err.err + err.out
+    assert "Traceback" not in err.err
