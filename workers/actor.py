@@ -7,6 +7,8 @@ Test hooks: ``HYMBA_FAULT_CRASH_ONCE=<path>`` makes the first actor that reaches
 create ``<path>`` and exit the process at once (mid-unit), to prove retries lose nothing;
 ``HYMBA_FAULT_POISON_UNIT=<text>`` makes every actor that starts a unit whose id contains
 ``<text>`` exit at once (a unit that kills its process every time, like a crashing kernel);
+``HYMBA_FAULT_KILL_UNIT=<text>`` makes every actor that starts such a unit SIGKILL its own
+process, as Ray's memory monitor and the kernel's OOM killer do to a process that grew too big;
 ``HYMBA_FAULT_ENGINE_ERROR_ONCE=<path>`` makes one engine step raise, as a device error would;
 ``HYMBA_FAULT_BUSY_DIR=<dir>`` makes an actor hold ``<dir>/busy-<node id>`` (its pid inside)
 while it runs a unit, so a test can take a node down exactly while its actor is mid-unit.
@@ -20,6 +22,7 @@ it with a fresh model and the pool retries its units.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -31,6 +34,7 @@ from hymba_batch.pipeline.unit import Generation, OutputConfig, SamplingConfig, 
 CRASH_ONCE_ENV = "HYMBA_FAULT_CRASH_ONCE"
 POISON_UNIT_ENV = "HYMBA_FAULT_POISON_UNIT"
 ENGINE_ERROR_ONCE_ENV = "HYMBA_FAULT_ENGINE_ERROR_ONCE"
+KILL_UNIT_ENV = "HYMBA_FAULT_KILL_UNIT"
 BUSY_DIR_ENV = "HYMBA_FAULT_BUSY_DIR"
 ENGINE_FAILED_EXIT = 19
 
@@ -88,6 +92,9 @@ def _poison_hook(unit: WorkUnit) -> None:
     text = os.environ.get(POISON_UNIT_ENV)
     if text and text in unit.unit_id:
         os._exit(18)
+    text = os.environ.get(KILL_UNIT_ENV)
+    if text and text in unit.unit_id:
+        os.kill(os.getpid(), signal.SIGKILL)  # what an out-of-memory kill looks like from outside
 
 
 class InferenceActor:

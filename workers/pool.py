@@ -11,13 +11,14 @@ workers use the standard AWS chain of their node).
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import RayError, RayTaskError
 
 from hymba_batch.pipeline.shards import WorkUnit
 from hymba_batch.pipeline.unit import UnitResult
@@ -86,9 +87,10 @@ class ActorPool:
         self.ready = [True] * len(self.actors)
         try:
             self.actor_info = ray.get([a.info.remote() for a in self.actors])
-        except (RayActorError, RayTaskError) as e:
+        except RayError as e:
             self.shutdown()
-            raise PoolError(f"an inference actor failed to start: {e}") from e
+            why = _first_line(e) if isinstance(e, RayTaskError) else death_reason(e)
+            raise PoolError(f"an inference actor failed to start: {why}") from e
         return self.actor_info
 
     def _replace(self, idx: int, gen: int, why: str) -> None:
@@ -177,8 +179,8 @@ class ActorPool:
                     idx, gen = self.starting.pop(ref)
                     try:
                         ray.get(ref)
-                    except (RayActorError, RayTaskError) as e:
-                        self._replace(idx, gen, f"a replacement actor failed to start: {type(e).__name__}")
+                    except RayError as e:
+                        self._replace(idx, gen, f"a replacement actor failed to start: {death_reason(e)}")
                         continue
                     if self.generation[idx] == gen:
                         self.ready[idx], load[idx], alone[idx] = True, 0, False
@@ -192,8 +194,10 @@ class ActorPool:
                     on_done(ray.get(ref))
                     suspects.discard(unit.unit_id)
                     continue
-                except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
-                    error = f"actor died: {type(e).__name__}"
+                except RayTaskError as e:
+                    error = _first_line(e)
+                except RayError as e:  # the actor's process is gone: crashed, OOM-killed, node lost
+                    error = f"actor died: {death_reason(e)}"
                     if (idx, gen) not in died:
                         died[(idx, gen)] = 1 + sum(1 for i, g, _ in inflight.values() if (i, g) == (idx, gen))
                     if self.generation[idx] == gen:
@@ -202,8 +206,6 @@ class ActorPool:
                     if died[(idx, gen)] > 1:  # not alone: which unit killed it is unknown
                         charge = False
                         suspects.add(unit.unit_id)
-                except RayTaskError as e:
-                    error = _first_line(e)
                 if charge:
                     attempts[unit.unit_id] = attempts.get(unit.unit_id, 0) + 1
                 if attempts.get(unit.unit_id, 0) >= self.cfg.max_attempts:
@@ -221,6 +223,17 @@ class ActorPool:
                 pass
         self.actors = []
         self.starting = {}
+
+
+def death_reason(e: BaseException) -> str:
+    """One line for an actor's death: the error's type and its first sentence (Ray's messages run
+    to dozens of lines), e.g. ``OutOfMemoryError: Task was killed due to the node running low on
+    memory``; the exit detail of a crashed worker when Ray gives one."""
+    text = " ".join(str(e).split())
+    first = text.split(". ")[0].rstrip(".")
+    m = re.search(r"Worker exit detail: (.*?)(?:\. |$)", text)
+    detail = f" ({m.group(1).rstrip('.')[:160]})" if m and m.group(1) not in first else ""
+    return f"{type(e).__name__}: {first[:200]}{detail}"
 
 
 def _first_line(e: RayTaskError) -> str:
