@@ -98,6 +98,17 @@ class JobOutput:
                                                  "created_at": time.time()}, self.tmp)
         return state
 
+    def reclaim(self, fp: str, parts: dict[str, Any]) -> bool:
+        """Write the claim (``_hymba/job.json``) again if it vanished while this job held the
+        prefix (someone deleted the prefix mid-run): the part files written since are this job's,
+        and a re-run must be able to resume them. Returns whether it had to."""
+        if read_json(self.loc, self.job_path) is not None:
+            return False
+        parts = json.loads(json.dumps(parts, sort_keys=True, default=str))
+        write_json(self.loc, self.job_path, {"fingerprint": fp, "parts": parts, "created_at": time.time(),
+                                             "reclaimed": True}, self.tmp)
+        return True
+
     def clear(self, keep: tuple[str, ...] = ()) -> None:
         """Remove a previous job's files: the success marker and manifest first, then parts,
         then ``_hymba/`` except the names in ``keep`` (an incremental run keeps its lease)."""
@@ -153,8 +164,9 @@ class JobOutput:
         results = self.committed(units)
         missing = [u.unit_id for u in units if u.unit_id not in results]
         if missing:
-            raise OutputConflict(f"cannot commit the job: {len(missing)} unit(s) have no output file "
-                                 f"(first: {missing[0]})")
+            raise OutputConflict(f"cannot commit the job: {len(missing)} unit(s) have no output file in {self.uri} "
+                                 f"(first: part-{missing[0]}.{self.fmt}; deleted while the job ran?); "
+                                 f"run the job again to redo them")
         committed_rows = sum(r.rows for r in results.values())
         input_rows = sum(u.num_rows for u in units)
         if committed_rows != input_rows:

@@ -9,6 +9,8 @@ create ``<path>`` and exit the process at once (mid-unit), to prove retries lose
 ``<text>`` exit at once (a unit that kills its process every time, like a crashing kernel);
 ``HYMBA_FAULT_KILL_UNIT=<text>`` makes every actor that starts such a unit SIGKILL its own
 process, as Ray's memory monitor and the kernel's OOM killer do to a process that grew too big;
+``HYMBA_FAULT_ENOSPC_UNIT=<text>`` makes the output write of such a unit fail with ENOSPC, as a
+full local disk would;
 ``HYMBA_FAULT_ENGINE_ERROR_ONCE=<path>`` makes one engine step raise, as a device error would;
 ``HYMBA_FAULT_BUSY_DIR=<dir>`` makes an actor hold ``<dir>/busy-<node id>`` (its pid inside)
 while it runs a unit, so a test can take a node down exactly while its actor is mid-unit.
@@ -21,6 +23,7 @@ it with a fresh model and the pool retries its units.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -35,6 +38,7 @@ CRASH_ONCE_ENV = "HYMBA_FAULT_CRASH_ONCE"
 POISON_UNIT_ENV = "HYMBA_FAULT_POISON_UNIT"
 ENGINE_ERROR_ONCE_ENV = "HYMBA_FAULT_ENGINE_ERROR_ONCE"
 KILL_UNIT_ENV = "HYMBA_FAULT_KILL_UNIT"
+ENOSPC_UNIT_ENV = "HYMBA_FAULT_ENOSPC_UNIT"
 BUSY_DIR_ENV = "HYMBA_FAULT_BUSY_DIR"
 ENGINE_FAILED_EXIT = 19
 
@@ -57,6 +61,9 @@ class ActorConfig:
 
 
 def _crash_hook(unit: WorkUnit) -> None:
+    text = os.environ.get(ENOSPC_UNIT_ENV)
+    if text and text in unit.unit_id:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"part-{unit.unit_id}")
     marker = os.environ.get(CRASH_ONCE_ENV)
     if not marker:
         return
