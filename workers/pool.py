@@ -229,7 +229,11 @@ def death_reason(e: BaseException) -> str:
     """One line for an actor's death: the error's type and its first sentence (Ray's messages run
     to dozens of lines), e.g. ``OutOfMemoryError: Task was killed due to the node running low on
     memory``; the exit detail of a crashed worker when Ray gives one."""
-    text = " ".join(str(e).split())
+    raw = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if getattr(e, "_actor_init_failed", False):  # its __init__ raised: that error is the last line
+        lines = [ln.strip() for ln in raw.splitlines() if ln.strip()]
+        return lines[-1][:2000] if lines else type(e).__name__
+    text = " ".join(raw.split())
     first = text.split(". ")[0].rstrip(".")
     m = re.search(r"Worker exit detail: (.*?)(?:\. |$)", text)
     detail = f" ({m.group(1).rstrip('.')[:160]})" if m and m.group(1) not in first else ""
