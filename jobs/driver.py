@@ -298,6 +298,7 @@ def run_job(spec: JobSpec, restart: bool = False, reporter: Reporter | None = No
     if not (incremental or spec.schedule.incremental):
         plan = plan_job(spec)
         job_id = f"{spec.name}-{plan.fingerprint[:12]}"
+        out.check(plan.fingerprint, plan.parts, restart)  # refuse a prefix that is not ours before touching it
         lease = Lease(spec.output.uri, check_run_id(run_id or new_run_id()), spec.schedule.lease_ttl)
         lease.acquire(wait_s=wait, say=say)
         claimed = False

@@ -69,8 +69,9 @@ class JobOutput:
                 out[uid] = info.path
         return out
 
-    def prepare(self, fp: str, parts: dict[str, Any], restart: bool, keep: tuple[str, ...] = ()) -> str:
-        """Claim the prefix for this fingerprint; returns 'new', 'resume' or 'restart'."""
+    def check(self, fp: str, parts: dict[str, Any], restart: bool) -> str:
+        """What claiming the prefix for this fingerprint would do ('new', 'resume', 'restart'),
+        or OutputConflict; reads only (a refused run leaves the prefix untouched, lease included)."""
         old = read_json(self.loc, self.job_path)
         foreign = [posixpath.basename(i.path) for i in self._listing()
                    if unit_id_of(i.path) is None and posixpath.basename(i.path) != "_SUCCESS"
@@ -80,7 +81,6 @@ class JobOutput:
             raise OutputConflict(f"output.uri {self.uri} holds files that are not this job's "
                                  f"({names[:5]}); choose an empty output prefix")
         parts = json.loads(json.dumps(parts, sort_keys=True, default=str))  # as stored: tuples become lists
-        state = "new"
         if old is not None and old.get("fingerprint") != fp:
             if not restart:
                 changed = sorted(k for k in set(parts) | set(old.get("parts", {}))
@@ -89,11 +89,16 @@ class JobOutput:
                     f"output.uri {self.uri} holds another run's output (fingerprint "
                     f"{old.get('fingerprint', '?')[:12]}, this job {fp[:12]}; changed: {', '.join(changed)}). "
                     f"Re-run with --restart to delete it and start over, or choose another output.uri")
+            return "restart"
+        return "resume" if old is not None else "new"
+
+    def prepare(self, fp: str, parts: dict[str, Any], restart: bool, keep: tuple[str, ...] = ()) -> str:
+        """Claim the prefix for this fingerprint; returns 'new', 'resume' or 'restart'."""
+        state = self.check(fp, parts, restart)
+        if state == "restart":
             self.clear(keep)
-            state = "restart"
-        elif old is not None:
-            state = "resume"
         if state != "resume":
+            parts = json.loads(json.dumps(parts, sort_keys=True, default=str))
             write_json(self.loc, self.job_path, {"fingerprint": fp, "parts": parts,
                                                  "created_at": time.time()}, self.tmp)
         return state
