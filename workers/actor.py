@@ -7,7 +7,7 @@ Test hooks: ``HYMBA_FAULT_CRASH_ONCE=<path>`` makes the first actor that reaches
 create ``<path>`` and exit the process at once (mid-unit), to prove retries lose nothing;
 ``HYMBA_FAULT_POISON_UNIT=<text>`` makes every actor that starts a unit whose id contains
 ``<text>`` exit at once (a unit that kills its process every time, like a crashing kernel);
-``HYMBA_FAULT_KILL_UNIT=<text>`` makes every actor that starts such a unit SIGKILL its own
+``HYMBA_FAULT_KILL_UNIT=<text>[,<text>...]`` makes every actor that starts such a unit SIGKILL its own
 process, as Ray's memory monitor and the kernel's OOM killer do to a process that grew too big;
 ``HYMBA_FAULT_ENOSPC_UNIT=<text>`` makes the output write of such a unit fail with ENOSPC, as a
 full local disk would;
@@ -100,7 +100,7 @@ def _poison_hook(unit: WorkUnit) -> None:
     if text and text in unit.unit_id:
         os._exit(18)
     text = os.environ.get(KILL_UNIT_ENV)
-    if text and text in unit.unit_id:
+    if text and any(t and t in unit.unit_id for t in text.split(",")):
         os.kill(os.getpid(), signal.SIGKILL)  # what an out-of-memory kill looks like from outside
 
 

@@ -1,6 +1,10 @@
 """The actor pool: units pulled by actors with a bounded number in flight per actor, dead
 actors replaced (the new one loads its model again) and only their units retried, units that
-keep failing quarantined with their error while the rest of the job goes on.
+keep failing quarantined with their error while the rest of the job goes on. Any ``RayError`` of
+a unit's task other than the task's own exception means its actor's process is gone (crashed,
+killed by Ray's memory monitor or the OOM killer, its node lost): a death, told in one line. The
+pool gives up only when actors die ``max_actor_restarts`` times in a row with no unit committed
+or quarantined (units that kill their actor are quarantined, so they never exhaust it).
 
 Ray sees only ``WorkUnit`` going in and ``UnitResult`` coming back; the data stays with the
 actors. Actors are spread over nodes. ``HYMBA_*`` and non-secret ``AWS_*`` settings (endpoint,
@@ -40,7 +44,7 @@ class PoolConfig:
     num_cpus_per_actor: float = 1.0
     max_in_flight: int = 2  # units queued or running per actor
     max_attempts: int = 3  # tries per unit before it is quarantined
-    max_actor_restarts: int = 10  # replacements of dead actors over the whole job
+    max_actor_restarts: int = 10  # replacements of dead actors in a row with no unit committed or quarantined
     actor_start_timeout_s: float = 900.0  # with no actor running, how long to wait for replacements
 
 
@@ -71,6 +75,7 @@ class ActorPool:
         self.actors: list[Any] = []
         self.generation: list[int] = []
         self.restarts = 0
+        self.deaths_since_progress = 0  # units that kill actors are quarantined: that is progress too
         self.retries = 0
         self.drained_at: float | None = None  # wall time the last unit was handed out (tail start)
         self.actor_info: list[dict[str, str]] = []
@@ -98,8 +103,10 @@ class ActorPool:
         if self.generation[idx] != gen:
             return  # already replaced after an earlier failure of the same actor
         self.restarts += 1
-        if self.restarts > self.cfg.max_actor_restarts:
-            raise PoolError(f"actors died {self.restarts} times (last: {why}); giving up")
+        self.deaths_since_progress += 1
+        if self.deaths_since_progress > self.cfg.max_actor_restarts:
+            raise PoolError(f"actors died {self.deaths_since_progress} times in a row with no unit committed or "
+                            f"quarantined (last: {why}); giving up")
         try:
             ray.kill(self.actors[idx], no_restart=True)
         except Exception:  # noqa: BLE001 - the actor is usually already gone; nothing to undo
@@ -192,6 +199,7 @@ class ActorPool:
                 charge = True
                 try:
                     on_done(ray.get(ref))
+                    self.deaths_since_progress = 0
                     suspects.discard(unit.unit_id)
                     continue
                 except RayTaskError as e:
@@ -210,6 +218,7 @@ class ActorPool:
                     attempts[unit.unit_id] = attempts.get(unit.unit_id, 0) + 1
                 if attempts.get(unit.unit_id, 0) >= self.cfg.max_attempts:
                     on_failed(UnitFailure(unit.unit_id, attempts[unit.unit_id], error))
+                    self.deaths_since_progress = 0
                 else:
                     self.retries += 1
                     queue.appendleft(unit)

@@ -28,7 +28,7 @@ from hymba_batch.jobs.driver import actor_config, plan_job, run_job
 from hymba_batch.jobs.spec import parse_spec
 from hymba_batch.pipeline.commit import JobOutput
 from hymba_batch.workers.actor import KILL_UNIT_ENV, InferenceActor
-from hymba_batch.workers.pool import death_reason
+from hymba_batch.workers.pool import ActorPool, PoolConfig, death_reason
 
 
 def test_actor_killed_on_a_unit_every_time_is_retried_then_quarantined(ray_cluster, tiny_checkpoint,
@@ -56,6 +56,28 @@ def test_actor_killed_on_a_unit_every_time_is_retried_then_quarantined(ray_clust
     assert len(failed["error"]) < 400 and failed["error"] in lines[0]
     got = check_output(str(out), input_rows(str(src)), complete=False)
     assert sum(got["rows"].values()) == total - 4
+
+
+def test_units_that_kill_their_actor_never_exhaust_the_restart_limit(ray_cluster, tiny_checkpoint, tmp_path,
+                                                                      monkeypatch) -> None:
+    """Three units in a row kill their actor; the pool may replace actors only twice in a row
+    without progress, but each quarantined unit is progress: the fourth unit still commits."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_articles(src, files=1, rows=16, row_group_size=4)  # 4 units
+    spec = parse_spec(job_dict(tiny_checkpoint, str(src), str(out)))
+    plan = plan_job(spec)
+    JobOutput(str(out), "parquet").prepare(plan.fingerprint, plan.parts, False)
+    killers = [u.unit_id for u in plan.units[:3]]
+    monkeypatch.setenv(KILL_UNIT_ENV, ",".join(killers))
+    pool = ActorPool(actor_config(spec, "cpu", 1), PoolConfig(num_actors=1, max_in_flight=1, max_attempts=1,
+                                                             max_actor_restarts=2))
+    done, failed = [], []
+    try:
+        pool.run(plan.units, done.append, failed.append)
+    finally:
+        pool.shutdown()
+    assert [f.unit_id for f in failed] == killers and all(f.error.startswith("actor died: ") for f in failed)
+    assert [r.unit_id for r in done] == [plan.units[3].unit_id] and pool.restarts == 3
 
 
 def test_any_dead_worker_error_is_one_line() -> None:
