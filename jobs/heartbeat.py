@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from hymba_batch.pipeline.lease import Lease, _pid_alive, describe_holder, heartbeat_interval, is_stale
+from hymba_batch.pipeline.lease import Lease, describe_holder, heartbeat_interval, is_stale, pid_alive
 
 HEARTBEAT_MISSES = 6  # heartbeats a driver may miss before its status counts as expired
 
@@ -66,7 +66,7 @@ def assess(doc: dict[str, Any], lease: dict[str, Any] | None, now: float | None 
     driver = doc.get("driver") or {}
     beat = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(doc.get("heartbeat_at", 0))))
     gone = (driver.get("host") == socket.gethostname() and isinstance(driver.get("pid"), int)
-            and not _pid_alive(driver["pid"]))
+            and not pid_alive(driver["pid"]))
     if not gone and float(doc["heartbeat_expires_at"]) >= now:
         return state, None
     who = f"driver (host {driver.get('host')}, pid {driver.get('pid')})"

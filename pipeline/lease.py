@@ -59,7 +59,8 @@ class LeaseLost(RuntimeError):
     """This run's lease was taken over (it stopped renewing for longer than its ttl)."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -74,7 +75,7 @@ def is_stale(doc: dict[str, Any], now: float | None = None) -> str | None:
     now = time.time() if now is None else now
     if float(doc.get("expires_at", 0)) < now:
         return "expired"
-    if doc.get("host") == socket.gethostname() and isinstance(doc.get("pid"), int) and not _pid_alive(doc["pid"]):
+    if doc.get("host") == socket.gethostname() and isinstance(doc.get("pid"), int) and not pid_alive(doc["pid"]):
         return "holder gone"
     return None
 

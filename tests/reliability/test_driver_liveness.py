@@ -135,6 +135,8 @@ def test_driver_killed_by_sigkill_its_ray_stops_status_says_dead_and_the_next_ru
         names = {p.name() for p in instance.values() if p.is_running()}
         assert {"raylet", "gcs_server"} <= names, names
         assert any("DashboardAgent" in n for n in names) and any("RuntimeEnvAgent" in n for n in names), names
+        others = [psutil.Process(p.process.pid) for node in [ray_cluster.head_node, *ray_cluster.worker_nodes]
+                  for p in node.all_processes["raylet"]]  # another Ray instance on this machine
         proc.send_signal(signal.SIGKILL)
     finally:
         if proc.poll() is None:
@@ -146,6 +148,7 @@ def test_driver_killed_by_sigkill_its_ray_stops_status_says_dead_and_the_next_ru
         assert not wait_gone([psutil.Process(watchdog)], timeout=10), "the watchdog did not exit"
     except psutil.NoSuchProcess:
         pass  # exited and reaped
+    assert all(p.is_running() for p in others), "the watchdog touched another Ray instance"
     assert not _ray_instance(session)
 
     assert main(["status", str(out)]) == 0
