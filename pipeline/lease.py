@@ -218,7 +218,8 @@ class Lease:
             if why is None:
                 left = float(current.get("expires_at", 0)) - self.clock()
                 raise LeaseHeld(f"{self.loc.uri(self.path)}: {describe_holder(current)} holds the lease "
-                                f"({left:.0f} s left unless renewed); not starting an overlapping run", current)
+                                f"({left:.0f} s left unless renewed); not starting an overlapping run "
+                                f"(`run --wait` waits for it)", current)
             if self._swap(current, etag, mine):
                 self.doc, self.took_over = mine, current | {"stale": why}
                 break
