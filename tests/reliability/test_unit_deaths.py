@@ -1,5 +1,7 @@
 """A unit's failure never takes the job (or the driver) down, on a real local Ray:
 
+- a real memory-monitor kill: a local Ray whose memory threshold is set just above the machine's
+  current use, and a unit whose actor allocates until it is killed (Ray reports OutOfMemoryError);
 - an actor killed by SIGKILL on one unit every time (what Ray's memory monitor and the kernel's
   OOM killer do to a process that grew too big), run through the real ``hymba-batch run``: the
   unit is retried, then quarantined with a one-line reason in the summary and ``status.json``;
@@ -17,6 +19,7 @@ import os
 import subprocess
 import sys
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
@@ -27,7 +30,7 @@ from jobhelpers import job_dict, write_articles
 from hymba_batch.jobs.driver import actor_config, plan_job, run_job
 from hymba_batch.jobs.spec import parse_spec
 from hymba_batch.pipeline.commit import JobOutput
-from hymba_batch.workers.actor import KILL_UNIT_ENV, InferenceActor
+from hymba_batch.workers.actor import HOG_UNIT_ENV, KILL_UNIT_ENV, InferenceActor
 from hymba_batch.workers.pool import ActorPool, PoolConfig, death_reason
 
 
@@ -56,6 +59,36 @@ def test_actor_killed_on_a_unit_every_time_is_retried_then_quarantined(ray_clust
     assert len(failed["error"]) < 400 and failed["error"] in lines[0]
     got = check_output(str(out), input_rows(str(src)), complete=False)
     assert sum(got["rows"].values()) == total - 4
+
+
+def test_ray_memory_monitor_kill_is_retried_then_quarantined(tiny_checkpoint, tmp_path) -> None:
+    """The real thing: ``hymba-batch run`` starts its own local Ray whose memory monitor kills a
+    worker once the machine's memory use passes today's use + 3 GiB; one unit's actor allocates
+    memory until it is killed. Ray reports ``OutOfMemoryError`` (not an actor error): the unit is
+    retried, then quarantined with a one-line reason; exit 1, no traceback, the rest commits."""
+    vm = psutil.virtual_memory()
+    threshold = (vm.total - vm.available + (3 << 30)) / vm.total
+    assert threshold < 0.95, f"this machine has too little free memory for the test ({vm.available >> 20} MiB)"
+    src, out = tmp_path / "in", tmp_path / "out"
+    total = write_articles(src, files=1, rows=12, row_group_size=4)  # 3 units
+    spec = job_dict(tiny_checkpoint, str(src), str(out),
+                    resources={"num_actors": 1, "max_in_flight": 1, "max_attempts": 2, "ray_address": "local"})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    victim = plan_job(parse_spec(spec)).units[1].unit_id
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({HOG_UNIT_ENV: victim, "COLUMNS": "1000", "RAY_memory_usage_threshold": f"{threshold:.4f}",
+                "RAY_memory_monitor_refresh_ms": "50"})
+    proc = subprocess.run([sys.executable, "-m", "hymba_batch.jobs.cli", "run", str(tmp_path / "job.yaml"),
+                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if victim in ln]
+    assert "after 2 tries: actor died: OutOfMemoryError: " in line, line
+    doc = status(str(out))
+    (failed,) = doc["failed_units"]
+    assert failed["unit_id"] == victim and failed["error"].startswith("actor died: OutOfMemoryError: ")
+    assert "\n" not in failed["error"] and doc["committed_rows"] == total - 4
+    check_output(str(out), input_rows(str(src)), complete=False)
 
 
 def test_units_that_kill_their_actor_never_exhaust_the_restart_limit(ray_cluster, tiny_checkpoint, tmp_path,
