@@ -5,10 +5,11 @@ Before any planning or Ray, ``validate``, ``run`` and ``submit`` run the pre-fli
 (``jobs/preflight.py``: model, input, output, each within seconds). Errors are one or two lines,
 no traceback unless ``--debug``.
 
-Exit codes: 0 done, 1 the job failed (units quarantined, see the summary), 2 a bad spec or
-input (the message names the field, file or column), a pre-flight failure or a refused
-submission, 3 another run
-holds the output's lease (incremental mode; nothing was done), 130 cancelled (Ctrl-C, or the
+Exit codes: 0 done, 1 the job failed (units quarantined, see the summary; or another error,
+told in one line, with the traceback only under ``HYMBA_DEBUG=1``), 2 a bad spec or input (the
+message names the field, file or column), a refused submission, or another live run holds the
+output (the message names its host, pid and start time; ``run --wait`` waits for it instead),
+3 another run holds the output's lease in incremental mode (a skipped tick), 130 cancelled (Ctrl-C, or the
 SIGTERM of ``hymba-batch cancel`` / ``ray job stop``; committed work is kept).
 """
 
@@ -61,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --incremental: run now, then at every tick (30m, 1h, 1d) until Ctrl-C")
     r.add_argument("--run-id", default=None, help="name of this incremental run (default: UTC time + random)")
     r.add_argument("--max-iterations", type=int, default=None, help=argparse.SUPPRESS)  # tests of --every
+    r.add_argument("--wait", action="store_true",
+                   help="if another run holds output.uri, wait for it to finish instead of refusing")
+    r.add_argument("--wait-timeout", default=None, metavar="DURATION",
+                   help="with --wait: give up (exit 2) after DURATION (30s, 10m, 1h); default: no limit")
     v = add("validate", "check a spec, its model, input and output (with --plan, also list the input and "
                         "cut it into units)")
     v.add_argument("spec", help=SPEC_HELP)
@@ -153,16 +158,33 @@ def _run_once(spec, args, console: Console, err: Console) -> int:  # noqa: ANN00
               f"-> {spec.output.uri}", highlight=False, soft_wrap=True)
     try:
         summary = run_job(spec, restart=args.restart, reporter=reporter, incremental=args.incremental,
-                          run_id=args.run_id)
+                          run_id=args.run_id, wait=args.wait_s,
+                          say=lambda m: err.print(m, highlight=False, soft_wrap=True))
     except LeaseHeld as e:
-        err.print(f"[yellow]skipped[/]: {e}", highlight=False, soft_wrap=True)
-        return 3
+        if args.incremental:
+            err.print(f"[yellow]skipped[/]: {e}", highlight=False, soft_wrap=True)
+            return 3
+        err.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
+        return 2
     except PoolError as e:
         err.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         err.print("cancelled; committed units are kept")
         return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user; HYMBA_DEBUG=1 for the traceback
+        from hymba_batch.pipeline.commit import OutputConflict
+        from hymba_batch.pipeline.shards import InputError
+
+        from .spec import SpecError
+        if isinstance(e, (SpecError, InputError, OutputConflict)):
+            raise  # main's exit 2
+        if os.environ.get("HYMBA_DEBUG"):
+            import traceback
+            traceback.print_exc()
+        text = " ".join(str(e).split())
+        err.print(f"[red]error[/]: {type(e).__name__}: {text[:500]}", highlight=False, soft_wrap=True)
+        return 1
     console.print(summary_table(summary))
     if summary.run_id:
         console.print(f"run {summary.run_id}: {summary.new_files} new, {summary.changed_files} changed, "
@@ -266,6 +288,8 @@ def _main(args: argparse.Namespace, console: Console, err: Console) -> int:
             if doc is None:
                 err.print(f"{args.target}: no _hymba/status.json (no job has run there)")
                 return 2
+            from .heartbeat import with_liveness
+            doc = with_liveness(args.target, doc)  # a "running" job whose driver died: "dead"
             if args.json:
                 print(json.dumps(doc, indent=2, sort_keys=True))
                 return 0
@@ -295,6 +319,11 @@ def _main(args: argparse.Namespace, console: Console, err: Console) -> int:
             except ValueError as e:
                 raise SpecError(f"--run-id: {e}") from None
         args.incremental = args.incremental or spec.schedule.incremental
+        try:
+            args.wait_s = (None if not args.wait else math.inf if args.wait_timeout is None
+                           else parse_duration(args.wait_timeout, "--wait-timeout"))
+        except ValueError as e:
+            raise SpecError(str(e)) from None
         interval = None
         if args.every is not None:
             if not args.incremental:

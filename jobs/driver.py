@@ -6,6 +6,9 @@ job resumes from the committed files; a job whose fingerprint changed is refused
 ``restart`` is asked. Ctrl-C stops dispatching, keeps everything committed, and marks the
 status ``cancelled`` (the ``run`` command turns Ray's job-stop SIGTERM into the same).
 
+Every run holds the output prefix's lease (``pipeline/lease.py``) for its whole life: a second
+run on the same output is refused (or waits, ``wait``), and a heartbeat thread keeps the lease
+and ``status.json`` fresh so that ``hymba-batch status`` can tell a dead driver (``heartbeat``).
 Incremental runs (``schedule.incremental`` or ``incremental=True``) hold the output prefix's
 lease for their whole life, process only the input files the prefix's state does not list (or
 lists with another size or mtime), and commit per run (``pipeline/incremental.py``); their
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,6 +43,7 @@ from hymba_batch.pipeline.sinks import Sink, SinkOptions, make_sink
 from hymba_batch.pipeline.unit import OutputConfig, SamplingConfig, UnitResult
 from hymba_batch.pipeline.writer import RESERVED_COLUMNS
 
+from .heartbeat import Heartbeat, heartbeat_fields
 from .spec import JobSpec, SpecError, check_json_schema
 
 if TYPE_CHECKING:
@@ -292,6 +298,31 @@ def _ensure_ray(spec: JobSpec) -> None:
         ray.init(address=spec.resources.ray_address, include_dashboard=False, log_to_driver=True)
         if _stop_signals:
             signal.signal(signal.SIGTERM, _on_sigterm)
+        _watch_local_ray()
+
+
+_watchers: list[Any] = []
+
+
+def _watch_local_ray() -> None:
+    """If ``ray.init`` started a local Ray here, start the watchdog that stops it when this
+    process goes, however it goes (``raywatch.py``)."""
+    import sys
+
+    from ray._private import worker
+
+    node = worker._global_node
+    pids = [p.process.pid for procs in (getattr(node, "all_processes", None) or {}).values() for p in procs
+            if getattr(p, "process", None) is not None]
+    if not pids:
+        return  # connected to a cluster someone else runs
+    from .raywatch import start
+
+    session = node.get_session_dir_path()
+    watcher = start(pids, session)
+    _watchers.append(watcher)  # held, so that no ResourceWarning says it still runs at exit
+    print(f"hymba-batch: local Ray {session} (stopped with this process; watchdog pid {watcher.pid})",
+          file=sys.stderr, flush=True)
 
 
 class _Status:
@@ -317,6 +348,7 @@ class _Status:
         except (OSError, ValueError):
             previous = None  # an unreadable history is only lost history
         self.history = History(job_id, self.extra.get("run_id"), previous, started_at=self.started)
+        self.lock = threading.RLock()  # the heartbeat thread writes too
 
     @property
     def rows(self) -> int:
@@ -343,9 +375,13 @@ class _Status:
             "rows_per_s": rate, "tokens_per_s": self.new_tokens / max(now - self.started, 1e-9),
             "eta_s": (left / rate) if rate > 0 else None,
             "started_at": self.started, "updated_at": now, "error": self.error,
-        } | self.extra
+        } | heartbeat_fields(now) | self.extra
 
     def write(self, state: str, force: bool = False) -> None:
+        with self.lock:
+            self._write(state, force)
+
+    def _write(self, state: str, force: bool) -> None:
         if force or time.monotonic() - self.last_write >= 0.2:
             doc = self.document(state)
             self.out.write_status(doc)
@@ -370,13 +406,19 @@ class _Status:
 CommitFn = Callable[[], dict[str, Any]]
 
 
+LEASE_FILES = ("lease.json", "lease.lock")
+
+
 def run_job(spec: JobSpec, restart: bool = False, reporter: Reporter | None = None,
-            incremental: bool = False, run_id: str | None = None) -> JobSummary:
+            incremental: bool = False, run_id: str | None = None, wait: float | None = None,
+            say: Callable[[str], None] | None = None) -> JobSummary:
     """Run (or resume) a job to the end; returns its summary. Raises on plan or output errors.
 
-    ``incremental`` (or ``spec.schedule.incremental``) runs only the input files that earlier
-    runs into the output did not process, under the prefix's lease (LeaseHeld when another run
-    holds it); ``run_id`` names such a run (default: UTC time + random suffix).
+    Every run holds the output prefix's lease: LeaseHeld when another live run holds it, or
+    with ``wait`` (seconds, ``math.inf`` for no limit) once it waited that long (``say`` hears
+    whom it waits for). ``incremental`` (or ``spec.schedule.incremental``) runs only the input
+    files that earlier runs into the output did not process; ``run_id`` names such a run
+    (default: UTC time + random suffix).
     """
     t0 = time.time()
     sink = job_sink(spec)
@@ -385,20 +427,40 @@ def run_job(spec: JobSpec, restart: bool = False, reporter: Reporter | None = No
     if not (incremental or spec.schedule.incremental):
         plan = plan_job(spec)
         job_id = f"{spec.name}-{plan.fingerprint[:12]}"
-        out.prepare(plan.fingerprint, plan.parts, restart)
-        status = _Status(out, job_id, spec, plan, out.committed(plan.units), {"run_id": run_id} if run_id else None)
-        return _execute(spec, plan, out, status, t0, reporter,
-                        lambda: _committed_manifest(out, plan) or out.finalize(plan.units, {
-                            "job": spec.name, "job_id": job_id, "fingerprint": plan.fingerprint,
-                            "fingerprint_parts": plan.parts, "spec": spec_record(spec),
-                            "input_format": plan.format, "input_source": plan.source,
-                            "started_at": t0, "elapsed_s": time.time() - t0},
-                            publish=lambda pairs: sink.publish(out, pairs)))
+        out.check(plan.fingerprint, plan.parts, restart)  # refuse a prefix that is not ours before touching it
+        lease = Lease(spec.output.uri, check_run_id(run_id or new_run_id()), spec.schedule.lease_ttl)
+        lease.acquire(wait_s=wait, say=say)
+        claimed = False
+        try:
+            out.prepare(plan.fingerprint, plan.parts, restart, keep=LEASE_FILES)
+            claimed = True
+            extra = {"run_id": run_id} if run_id else {}
+            extra["lease_taken_over"] = (lease.took_over or {}).get("run_id")
+            status = _Status(out, job_id, spec, plan, out.committed(plan.units), extra)
+
+            def commit() -> dict[str, Any]:
+                lease.check()
+                out.reclaim(plan.fingerprint, plan.parts)
+                return _committed_manifest(out, plan) or out.finalize(plan.units, {
+                    "job": spec.name, "job_id": job_id, "fingerprint": plan.fingerprint,
+                    "fingerprint_parts": plan.parts, "spec": spec_record(spec),
+                    "input_format": plan.format, "input_source": plan.source,
+                    "started_at": t0, "elapsed_s": time.time() - t0},
+                    publish=lambda pairs: sink.publish(out, pairs))
+
+            return _execute(spec, plan, out, status, t0, reporter, commit)
+        finally:
+            if claimed and not lease.lost:
+                try:
+                    out.reclaim(plan.fingerprint, plan.parts)  # a re-run resumes even after a deleted prefix
+                except Exception:  # noqa: BLE001 - best effort on the way out; the run's own error is told
+                    pass
+            lease.release()
     run_id = check_run_id(run_id or new_run_id())
-    lease = Lease(spec.output.uri, run_id, spec.schedule.lease_ttl).acquire()
+    lease = Lease(spec.output.uri, run_id, spec.schedule.lease_ttl).acquire(wait_s=wait, say=say)
     try:
         parts = fingerprint_parts(spec, None)
-        out.prepare(fingerprint(parts), parts, restart, keep=("lease.json", "lease.lock"))
+        out.prepare(fingerprint(parts), parts, restart, keep=LEASE_FILES)
         state = RunState(out)
         _, listed, source = list_input(input_options(spec))
         sel: Selection = state.select(listed)
@@ -452,6 +514,7 @@ def _execute(spec: JobSpec, plan: Plan, out: JobOutput, status: _Status, t0: flo
         reporter.start(plan.total_rows, status.rows)
     status.write("running", force=True)
     pool = None
+    beat = Heartbeat(lambda: status.write("running", force=True)).__enter__()
     try:
         if todo:
             _ensure_ray(spec)
@@ -467,15 +530,17 @@ def _execute(spec: JobSpec, plan: Plan, out: JobOutput, status: _Status, t0: flo
             status.pool, status.history.run.ready_at = pool, t_ready
 
             def on_done(res: UnitResult) -> None:
-                status.done[res.unit_id] = res
+                with status.lock:
+                    status.done[res.unit_id] = res
                 summary.run_units += 1
                 status.write("running")
                 if reporter:
                     reporter.update(status.rows, status.new_tokens)
 
             def on_failed(f: UnitFailure) -> None:
-                status.failed.append({"unit_id": f.unit_id, "attempts": f.attempts, "error": f.error,
-                                      "rows": rows_of[f.unit_id]})
+                with status.lock:
+                    status.failed.append({"unit_id": f.unit_id, "attempts": f.attempts, "error": f.error,
+                                          "rows": rows_of[f.unit_id]})
                 status.write("running", force=True)
 
             pool.run(todo, on_done, on_failed)
@@ -491,16 +556,20 @@ def _execute(spec: JobSpec, plan: Plan, out: JobOutput, status: _Status, t0: flo
             summary.truncated_rows = commit()["truncated_rows"]
             if summary.time_split:
                 summary.time_split["commit_s"] = time.time() - t_commit
+        beat.__exit__()  # no "running" heartbeat may land after the final state
         status.extra["time_split"] = summary.time_split
         status.write(state, force=True)
     except KeyboardInterrupt:
         state = "cancelled"
+        beat.__exit__()
         status.write(state, force=True)
     except Exception as e:  # recorded in status.json for `hymba-batch status`, then raised as is
         status.error = f"{type(e).__name__}: {e}"
+        beat.__exit__()
         status.write("failed", force=True)
         raise
     finally:
+        beat.__exit__()
         if pool is not None:
             pool.shutdown()
         if reporter:

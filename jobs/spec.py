@@ -213,7 +213,8 @@ class OutputSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    ray_address: str | None = Field(None, description="Ray cluster to join (None: the running one, or start local Ray).")
+    ray_address: str | None = Field(None, description="Ray cluster to join (None: the running one, or start local "
+                                                      "Ray; 'local': always a new local Ray, stopped with the run).")
     num_actors: int | None = Field(None, ge=1, description="Inference actors (None: GPUs x actors_per_gpu, or 1 on CPU).")
     num_gpus: int | None = Field(None, ge=0, description="GPUs to use (None: all the cluster has).")
     actors_per_gpu: int = Field(1, ge=1, le=16, description="Actors sharing one GPU; each gets num_gpus=1/k "
@@ -250,10 +251,11 @@ class ScheduleSpec(_Strict):
                                                  "modification time); each run commits its own manifest "
                                                  "(same as `run --incremental`).")
     lease_ttl: int = Field(900, ge=1, le=7 * 86400,
-                           description="Seconds an incremental run's lease (output.uri/_hymba/lease.json) lives "
-                                       "without renewal. The running job renews it every lease_ttl/3 s; a crashed "
-                                       "run's lease is taken over once it is this old (at once when the crashed "
-                                       "process ran on the same host).")
+                           description="Seconds a run's lease (output.uri/_hymba/lease.json; every run holds "
+                                       "one, so two runs never share an output) lives without renewal. The "
+                                       "running job renews it with its heartbeat (every HYMBA_HEARTBEAT_S, 5 s, "
+                                       "at most lease_ttl/3 s); a crashed run's lease is taken over once it is "
+                                       "this old (at once when the crashed process ran on the same host).")
     window: str = Field("1h", description="Schedule window (a duration: 30m, 1h, 1d). `hymba-batch submit` of an "
                                           "incremental job names its submission after the current UTC window, so "
                                           "a second submission in the same window is refused by Ray.")

@@ -79,8 +79,9 @@ class JobOutput:
                 out[uid] = info.path
         return out
 
-    def prepare(self, fp: str, parts: dict[str, Any], restart: bool, keep: tuple[str, ...] = ()) -> str:
-        """Claim the prefix for this fingerprint; returns 'new', 'resume' or 'restart'."""
+    def check(self, fp: str, parts: dict[str, Any], restart: bool) -> str:
+        """What claiming the prefix for this fingerprint would do ('new', 'resume', 'restart'),
+        or OutputConflict; reads only (a refused run leaves the prefix untouched, lease included)."""
         old = read_json(self.loc, self.job_path)
         foreign = [] if self.shared else [
             posixpath.basename(i.path) for i in self._listing()
@@ -91,7 +92,6 @@ class JobOutput:
             raise OutputConflict(f"output.uri {self.uri} holds files that are not this job's "
                                  f"({names[:5]}); choose an empty output prefix")
         parts = json.loads(json.dumps(parts, sort_keys=True, default=str))  # as stored: tuples become lists
-        state = "new"
         if old is not None and old.get("fingerprint") != fp:
             if restart and self.shared:
                 raise OutputConflict(f"output.uri {self.uri} is a table holding another job's output "
@@ -106,11 +106,16 @@ class JobOutput:
                     f"Re-run with --restart to delete it and start over, or choose another output.uri")
             # --restart, or a run that ended (failed, cancelled) with nothing committed: its
             # fingerprint is not pinned, the corrected spec starts over (there is nothing to lose)
-            self.clear(keep)
-            state = "restart" if restart else "new"
-        elif old is not None:
-            state = "resume"
+            return "restart" if restart else "new"
+        return "resume" if old is not None else "new"
+
+    def prepare(self, fp: str, parts: dict[str, Any], restart: bool, keep: tuple[str, ...] = ()) -> str:
+        """Claim the prefix for this fingerprint; returns 'new', 'resume' or 'restart'."""
+        state = self.check(fp, parts, restart)
+        if state == "restart" or (state == "new" and read_json(self.loc, self.job_path) is not None):
+            self.clear(keep)  # a restart, or a released claim of another fingerprint
         if state != "resume":
+            parts = json.loads(json.dumps(parts, sort_keys=True, default=str))
             write_json(self.loc, self.job_path, {"fingerprint": fp, "parts": parts,
                                                  "created_at": time.time()}, self.tmp)
         return state
@@ -128,6 +133,17 @@ class JobOutput:
         if self.holds_commits():
             return False
         return (self.read_status() or {}).get("state") in ("failed", "cancelled")
+
+    def reclaim(self, fp: str, parts: dict[str, Any]) -> bool:
+        """Write the claim (``_hymba/job.json``) again if it vanished while this job held the
+        prefix (someone deleted the prefix mid-run): the part files written since are this job's,
+        and a re-run must be able to resume them. Returns whether it had to."""
+        if read_json(self.loc, self.job_path) is not None:
+            return False
+        parts = json.loads(json.dumps(parts, sort_keys=True, default=str))
+        write_json(self.loc, self.job_path, {"fingerprint": fp, "parts": parts, "created_at": time.time(),
+                                             "reclaimed": True}, self.tmp)
+        return True
 
     def clear(self, keep: tuple[str, ...] = ()) -> None:
         """Remove a previous job's files: the success marker and manifest first, then parts,
@@ -186,8 +202,9 @@ class JobOutput:
         results = self.committed(units)
         missing = [u.unit_id for u in units if u.unit_id not in results]
         if missing:
-            raise OutputConflict(f"cannot commit the job: {len(missing)} unit(s) have no output file "
-                                 f"(first: {missing[0]})")
+            raise OutputConflict(f"cannot commit the job: {len(missing)} unit(s) have no output file in {self.uri} "
+                                 f"(first: part-{missing[0]}.{self.fmt}; deleted while the job ran?); "
+                                 f"run the job again to redo them")
         committed_rows = sum(r.rows for r in results.values())
         input_rows = sum(u.num_rows for u in units)
         if committed_rows != input_rows:

@@ -18,12 +18,12 @@ class Crash(RuntimeError):
     """An injected crash."""
 
 
-def echo_generate(prompts, seeds, overrides=None):
-    """The prompt's last three tokens then EOS (``max_new_tokens`` overrides cut it)."""
+def echo_generate(prompts, seeds, options=None):
+    """The prompt's last three tokens then EOS (a request's ``max_new_tokens`` option cuts it)."""
     out = []
     for i, p in enumerate(prompts):
         ids = list(p[-3:]) + [2]
-        limit = (overrides[i] if overrides else {}).get("max_new_tokens")
+        limit = options[i].max_new_tokens if options else None
         reason = "stop"
         if limit is not None and len(ids) > limit:
             ids, reason = ids[:limit], "length"

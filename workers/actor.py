@@ -7,6 +7,12 @@ Test hooks: ``HYMBA_FAULT_CRASH_ONCE=<path>`` makes the first actor that reaches
 create ``<path>`` and exit the process at once (mid-unit), to prove retries lose nothing;
 ``HYMBA_FAULT_POISON_UNIT=<text>`` makes every actor that starts a unit whose id contains
 ``<text>`` exit at once (a unit that kills its process every time, like a crashing kernel);
+``HYMBA_FAULT_KILL_UNIT=<text>[,<text>...]`` makes every actor that starts such a unit SIGKILL its own
+process, as Ray's memory monitor and the kernel's OOM killer do to a process that grew too big;
+``HYMBA_FAULT_HOG_UNIT=<text>`` makes an actor that starts such a unit allocate memory until
+Ray's memory monitor kills it (a row that blows the actor's memory);
+``HYMBA_FAULT_ENOSPC_UNIT=<text>`` makes the output write of such a unit fail with ENOSPC, as a
+full local disk would;
 ``HYMBA_FAULT_ENGINE_ERROR_ONCE=<path>`` makes one engine step raise, as a device error would;
 ``HYMBA_FAULT_BUSY_DIR=<dir>`` makes an actor hold ``<dir>/busy-<node id>`` (its pid inside)
 while it runs a unit, so a test can take a node down exactly while its actor is mid-unit.
@@ -19,8 +25,11 @@ it with a fresh model and the pool retries its units.
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
+import time
 from dataclasses import dataclass
 
 from hymba_batch.pipeline.enrich import EnrichConfig, RequestOptions
@@ -35,6 +44,9 @@ from .metrics import ActorMetrics, actor_label
 CRASH_ONCE_ENV = "HYMBA_FAULT_CRASH_ONCE"
 POISON_UNIT_ENV = "HYMBA_FAULT_POISON_UNIT"
 ENGINE_ERROR_ONCE_ENV = "HYMBA_FAULT_ENGINE_ERROR_ONCE"
+KILL_UNIT_ENV = "HYMBA_FAULT_KILL_UNIT"
+ENOSPC_UNIT_ENV = "HYMBA_FAULT_ENOSPC_UNIT"
+HOG_UNIT_ENV = "HYMBA_FAULT_HOG_UNIT"
 BUSY_DIR_ENV = "HYMBA_FAULT_BUSY_DIR"
 ENGINE_FAILED_EXIT = 19
 
@@ -88,6 +100,9 @@ def generations(outs: list) -> list[Generation]:
 
 
 def _crash_hook(unit: WorkUnit) -> None:
+    text = os.environ.get(ENOSPC_UNIT_ENV)
+    if text and text in unit.unit_id:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"part-{unit.unit_id}")
     marker = os.environ.get(CRASH_ONCE_ENV)
     if not marker:
         return
@@ -123,6 +138,16 @@ def _poison_hook(unit: WorkUnit) -> None:
     text = os.environ.get(POISON_UNIT_ENV)
     if text and text in unit.unit_id:
         os._exit(18)
+    text = os.environ.get(KILL_UNIT_ENV)
+    if text and any(t and t in unit.unit_id for t in text.split(",")):
+        os.kill(os.getpid(), signal.SIGKILL)  # what an out-of-memory kill looks like from outside
+    text = os.environ.get(HOG_UNIT_ENV)
+    if text and text in unit.unit_id:
+        hog = []
+        for _ in range(160):  # up to 16 GB, 100 MB at a time (pages touched), until the monitor kills us
+            hog.append(bytearray(b"\x01") * (100 << 20))
+            time.sleep(0.02)
+        raise RuntimeError("memory hog test hook: Ray's memory monitor did not kill this actor")
 
 
 class InferenceActor:

@@ -1,6 +1,10 @@
 """The actor pool: units pulled by actors with a bounded number in flight per actor, dead
 actors replaced (the new one loads its model again) and only their units retried, units that
-keep failing quarantined with their error while the rest of the job goes on.
+keep failing quarantined with their error while the rest of the job goes on. Any ``RayError`` of
+a unit's task other than the task's own exception means its actor's process is gone (crashed,
+killed by Ray's memory monitor or the OOM killer, its node lost): a death, told in one line. The
+pool gives up only when actors die ``max_actor_restarts`` times in a row with no unit committed
+or quarantined (units that kill their actor are quarantined, so they never exhaust it).
 
 Ray sees only ``WorkUnit`` going in and ``UnitResult`` coming back; the data stays with the
 actors. Actors are spread over nodes. ``HYMBA_*`` and non-secret ``AWS_*`` settings (endpoint,
@@ -12,13 +16,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import RayError, RayTaskError
 
 from hymba_batch.pipeline.shards import WorkUnit
 from hymba_batch.pipeline.unit import UnitResult
@@ -41,7 +46,7 @@ class PoolConfig:
     num_cpus_per_actor: float = 1.0
     max_in_flight: int | None = None  # units queued or running per actor; None: auto (in_flight_limit)
     max_attempts: int = 3  # tries per unit before it is quarantined
-    max_actor_restarts: int = 10  # replacements of dead actors over the whole job
+    max_actor_restarts: int = 10  # replacements of dead actors in a row with no unit committed or quarantined
     actor_start_timeout_s: float = 900.0  # with no actor running, how long to wait for replacements
     job_id: str = ""  # the ``job`` tag of the pool's metrics
 
@@ -83,6 +88,7 @@ class ActorPool:
         self.actors: list[Any] = []
         self.generation: list[int] = []
         self.restarts = 0
+        self.deaths_since_progress = 0  # units that kill actors are quarantined: that is progress too
         self.retries = 0
         self.drained_at: float | None = None  # wall time the last unit was handed out (tail start)
         self.actor_info: list[dict[str, str]] = []
@@ -108,9 +114,10 @@ class ActorPool:
             self._label(i)
         try:
             self.actor_info = ray.get([a.info.remote() for a in self.actors])
-        except (RayActorError, RayTaskError) as e:
+        except RayError as e:
             self.shutdown()
-            raise PoolError(f"an inference actor failed to start: {e}") from e
+            why = _first_line(e) if isinstance(e, RayTaskError) else death_reason(e)
+            raise PoolError(f"an inference actor failed to start: {why}") from e
         return self.actor_info
 
     def _replace(self, idx: int, gen: int, why: str) -> None:
@@ -119,8 +126,10 @@ class ActorPool:
             return  # already replaced after an earlier failure of the same actor
         self.restarts += 1
         self.metrics.restart(self.label_of.get((idx, gen), ""))
-        if self.restarts > self.cfg.max_actor_restarts:
-            raise PoolError(f"actors died {self.restarts} times (last: {why}); giving up")
+        self.deaths_since_progress += 1
+        if self.deaths_since_progress > self.cfg.max_actor_restarts:
+            raise PoolError(f"actors died {self.deaths_since_progress} times in a row with no unit committed or "
+                            f"quarantined (last: {why}); giving up")
         try:
             ray.kill(self.actors[idx], no_restart=True)
         except Exception:  # noqa: BLE001 - the actor is usually already gone; nothing to undo
@@ -202,8 +211,8 @@ class ActorPool:
                     idx, gen = self.starting.pop(ref)
                     try:
                         ray.get(ref)
-                    except (RayActorError, RayTaskError) as e:
-                        self._replace(idx, gen, f"a replacement actor failed to start: {type(e).__name__}")
+                    except RayError as e:
+                        self._replace(idx, gen, f"a replacement actor failed to start: {death_reason(e)}")
                         continue
                     if self.generation[idx] == gen:
                         self.ready[idx], load[idx], alone[idx] = True, 0, False
@@ -215,10 +224,13 @@ class ActorPool:
                 charge = True
                 try:
                     on_done(ray.get(ref))
+                    self.deaths_since_progress = 0
                     suspects.discard(unit.unit_id)
                     continue
-                except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
-                    error = f"actor died: {type(e).__name__}"
+                except RayTaskError as e:
+                    error = _first_line(e)
+                except RayError as e:  # the actor's process is gone: crashed, OOM-killed, node lost
+                    error = f"actor died: {death_reason(e)}"
                     if (idx, gen) not in died:
                         died[(idx, gen)] = 1 + sum(1 for i, g, _ in inflight.values() if (i, g) == (idx, gen))
                     if self.generation[idx] == gen:
@@ -227,14 +239,13 @@ class ActorPool:
                     if died[(idx, gen)] > 1:  # not alone: which unit killed it is unknown
                         charge = False
                         suspects.add(unit.unit_id)
-                except RayTaskError as e:
-                    error = _first_line(e)
                 if charge:
                     attempts[unit.unit_id] = attempts.get(unit.unit_id, 0) + 1
                 label = self.label_of.get((idx, gen), "")
                 if attempts.get(unit.unit_id, 0) >= self.cfg.max_attempts:
                     self.metrics.quarantine(label)
                     on_failed(UnitFailure(unit.unit_id, attempts[unit.unit_id], error))
+                    self.deaths_since_progress = 0
                 else:
                     self.retries += 1
                     self.metrics.retry(label)
@@ -255,6 +266,21 @@ class ActorPool:
                 pass
         self.actors = []
         self.starting = {}
+
+
+def death_reason(e: BaseException) -> str:
+    """One line for an actor's death: the error's type and its first sentence (Ray's messages run
+    to dozens of lines), e.g. ``OutOfMemoryError: Task was killed due to the node running low on
+    memory``; the exit detail of a crashed worker when Ray gives one."""
+    raw = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if getattr(e, "_actor_init_failed", False):  # its __init__ raised: that error is the last line
+        lines = [ln.strip() for ln in raw.splitlines() if ln.strip()]
+        return lines[-1][:2000] if lines else type(e).__name__
+    text = " ".join(raw.split())
+    first = text.split(". ")[0].rstrip(".")
+    m = re.search(r"Worker exit detail: (.*?)(?:\. |$)", text)
+    detail = f" ({m.group(1).rstrip('.')[:160]})" if m and m.group(1) not in first else ""
+    return f"{type(e).__name__}: {first[:200]}{detail}"
 
 
 def _first_line(e: RayTaskError) -> str:
