@@ -199,7 +199,10 @@ def hf_llama_baseline(plen: int, new: int, n: int, batch: int, cache: str) -> di
     if cache == "static":
         kw["cache_implementation"] = "static"
     with torch.inference_mode():
-        model.generate(prompts[:batch, :16], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+        if cache == "static":  # compile for the timed shapes (cache length = prompt + new tokens)
+            model.generate(prompts[:batch], **kw)
+        else:
+            model.generate(prompts[:batch, :16], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
         torch.cuda.synchronize()
         t = time.perf_counter()
         for i in range(0, n, batch):
@@ -264,7 +267,8 @@ def main() -> None:
     ap.add_argument("--actors", default="", help="comma list of engines per GPU, e.g. 1,2,4,8")
     ap.add_argument("--actor-prompts", type=int, default=1024)
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
-    ap.add_argument("--max-chunk-tokens", type=int, default=None, help="engine's per-sequence chunk cap")
+    ap.add_argument("--max-chunk-tokens", type=int, default=None,
+                    help="engine's per-sequence chunk cap (0: none; default: the engine's default)")
     ap.add_argument("--chunk-caps", default="", help="comma list: rerun each workload with these per-sequence "
                     "chunk caps (0: none); results named e.g. M@1024")
     ap.add_argument("--json-out", default="")
@@ -290,7 +294,8 @@ def main() -> None:
 
     if a.workloads:
         model = random_model(cfg, "cuda", torch.bfloat16)
-        engine = Engine(model, EngineConfig(max_batch_tokens=a.max_batch_tokens, max_chunk_tokens=a.max_chunk_tokens))
+        ekw = {} if a.max_chunk_tokens is None else {"max_chunk_tokens": a.max_chunk_tokens or None}
+        engine = Engine(model, EngineConfig(max_batch_tokens=a.max_batch_tokens, **ekw))  # else the engine's default
         result["engine"] = {"slots": engine.cache.shape.num_slots, "blocks": engine.cache.shape.num_blocks,
                             "cache_gib": engine.cache.nbytes() / 2**30}
         engine.generate(prompts_for(64, 256, seed=5), SamplingParams(max_new_tokens=16, ignore_eos=True))
