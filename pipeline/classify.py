@@ -5,9 +5,8 @@ How it is scored: one engine request per (row, label), its decoding forced to th
 (``ForcedTokens``, a constraint of the engine's per-request interface) with the sampled tokens'
 log-probabilities returned (the model's own distribution, before any mask). The label's
 log-likelihood is their sum. All rows' label requests share the engine's continuous batch, so
-label continuations are decoded batched; the prompt is prefilled once per (row, label) request
-(once per row needs the engine to fork a prefilled prompt, which this version does not ask of
-it). A label's tokens are those the model would write at the start of its answer
+label continuations are decoded batched; the requests of a row share one prompt, which the actor
+prefills once and forks (workers/actor.py). A label's tokens are those the model would write at the start of its answer
 (``enrich.label_tokens``). Knows nothing of models.
 """
 

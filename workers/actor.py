@@ -30,6 +30,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from hymba_batch.pipeline.enrich import EnrichConfig, RequestOptions
@@ -214,16 +215,24 @@ class InferenceActor:
         job_pid = held.pid if held else None
         row_pids: list[int] = []
         try:
-            if n == 1:
-                reqs, pids = rest, [job_pid] * len(rest)
-            else:  # each prompt but its last token computed once, its n samples forked from it
-                reqs, pids = [], []
-                for r in rest:
-                    pid = self.frontend.add_prefix(r[:-1], job_pid) if len(r) > 1 else job_pid
-                    if len(r) > 1:
-                        row_pids.append(pid)
-                    reqs += [r[-1:] if len(r) > 1 else r] * n
-                    pids += [pid] * n
+            # A prompt asked for more than once (the n samples of a row; a row's classify labels,
+            # each forced after the same prompt) is computed once, all but its last token, and its
+            # requests fork from it.
+            expanded = [r for r in rest for _ in range(n)]
+            counts = Counter(tuple(r) for r in expanded)
+            reqs, pids = [], []
+            row_pid: dict[tuple[int, ...], int] = {}
+            for r in expanded:
+                key = tuple(r)
+                if counts[key] > 1 and len(r) > 1:
+                    if key not in row_pid:
+                        row_pid[key] = self.frontend.add_prefix(r[:-1], job_pid)
+                        row_pids.append(row_pid[key])
+                    reqs.append(r[-1:])
+                    pids.append(row_pid[key])
+                else:
+                    reqs.append(r)
+                    pids.append(job_pid)
             outs = self.frontend.generate(reqs, params, pids, release=tuple(row_pids))
         except Exception as e:
             if self.frontend.error is not None:

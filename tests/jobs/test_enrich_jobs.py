@@ -40,10 +40,13 @@ def test_json_schema_and_classify_jobs(ray_cluster, tiny_checkpoint, tmp_path) -
 
     labels = ["parks", "roads", "budget"]
     spec = parse_spec(job_dict(tiny_checkpoint, str(tmp_path / "in"), str(tmp_path / "cls"),
-                               task={"kind": "classify", "labels": labels}))
+                               task={"kind": "classify", "labels": labels, "share_prefix": False}))
     assert run_job(spec).state == "succeeded"
     t = ds.dataset(str(tmp_path / "cls"), format="parquet").to_table()
     assert t.num_rows == n and t.column("error").null_count == n
     for row in t.to_pylist():
         assert math.isclose(sum(row["label_probs"].values()), 1.0, abs_tol=1e-9)
         assert row["label"] == max(labels, key=row["label_probs"].__getitem__)
+    # each row's prompt is computed once and its label requests fork from it (no job prefix here)
+    manifest = json.loads((tmp_path / "cls" / "_hymba" / "manifest.json").read_text())
+    assert sum(f["timings"]["engine_forked_tokens"] for f in manifest["files"]) > 0
