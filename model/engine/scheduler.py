@@ -207,9 +207,16 @@ class Scheduler:
     def _prefill(self) -> PrefillBatch | None:
         batch = PrefillBatch([], [], [], [])
         budget = self.max_batch_tokens
+        stuck: list[Sequence] = []  # partly prefilled, no blocks for their next chunk
         for seq in self.running:  # continue chunked prefills first: they hold slots
             if seq.pending > 1 and budget > 0:
-                budget -= self._chunk(batch, seq, budget)
+                used = self._chunk(batch, seq, budget)
+                if used == 0:
+                    stuck.append(seq)
+                budget -= used
+        if stuck and not batch.seqs and not any(s.pending == 1 for s in self.running):
+            self._unstick()  # nothing runs and nothing will free blocks by itself
+            return None
         if not self._worth_admitting(budget):
             return batch if batch.seqs else None
         held = len(self.pinned) + sum(1 for s in self.running if s.computes is not None)
@@ -233,9 +240,7 @@ class Scheduler:
                 seq.slot, seq.num_cached = None, 0
                 if not self.running and not batch.seqs:  # nothing will free up: it never fits
                     self.waiting.popleft()
-                    self.drop(seq)
-                    self.rejected.append((seq, f"the cache cannot hold this request ({seq.num_tokens} "
-                                               "tokens); raise the engine's memory budget"))
+                    self._reject(seq)
                     continue
                 break
             self.waiting.popleft()
@@ -246,6 +251,22 @@ class Scheduler:
             budget -= used
         self.waiting.extendleft(reversed(blocked))
         return batch if batch.seqs else None
+
+    def _reject(self, seq: Sequence) -> None:
+        self.drop(seq)
+        self.rejected.append((seq, f"the cache cannot hold this request ({seq.num_tokens} "
+                                   "tokens); raise the engine's memory budget"))
+
+    def _unstick(self) -> None:
+        """Partial prefills hold the blocks, none can take its next chunk and none decodes: free
+        the newest sequence's blocks (it is recomputed later), or, when only one is left, reject
+        it: alone it can never fit."""
+        victim = next(reversed(self.running))
+        if len(self.running) > 1:
+            self.preempt(victim)
+        else:
+            self.finish(victim)
+            self._reject(victim)
 
     def _worth_admitting(self, budget: int) -> bool:
         if not self.waiting or budget <= 0:

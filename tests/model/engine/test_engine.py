@@ -224,12 +224,31 @@ def test_threaded_front_end_fails_waiters_instead_of_hanging(tiny_model):
         front.generate([[1, 2, 3]], [SamplingParams(max_new_tokens=2)])
 
 
-def test_request_too_large_for_the_cache_is_a_per_request_error(tiny_model):
-    cb = cache_bytes(tiny_model.config, 4, 4)
-    table_row = 4 * (tiny_model.config.max_position_embeddings // 16)
+def _three_block_engine(model, **kw) -> Engine:
+    cb = cache_bytes(model.config, 4, 4)
+    table_row = 4 * (model.config.max_position_embeddings // 16)
     budget = cb.meta + 3 * (cb.slot + table_row) + 4 * 16 * cb.per_global_token  # 3 blocks of 16 usable
-    engine = Engine(tiny_model, EngineConfig(memory_budget_bytes=budget, block_size=16, max_num_seqs=2,
-                                             expected_context=16))
+    return Engine(model, EngineConfig(memory_budget_bytes=budget, block_size=16, max_num_seqs=2,
+                                      expected_context=16, **kw))
+
+
+@pytest.mark.parametrize("cap", [None, 8])
+def test_request_too_large_for_the_cache_is_a_per_request_error(tiny_model, cap):
+    """Also when its first chunks fit (cap 8): it stops holding blocks it can never complete."""
+    engine = _three_block_engine(tiny_model, max_chunk_tokens=cap)
     outs = engine.generate([[1] + [5] * 60, [1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True))
     assert outs[0].finish_reason == "error" and "cannot hold" in outs[0].error
     assert outs[1].finish_reason == "length" and outs[1].completion_tokens == 4
+
+
+def test_partial_prefills_that_cannot_both_fit_take_turns(tiny_model, rand_prompts):
+    """Two prompts that each fit the cache alone but not together, prefilled in chunks of 8: both
+    hold blocks and neither can take its next chunk; the newer is preempted, the older finishes,
+    then the newer runs: the tokens each would get alone, no hang."""
+    prompts = rand_prompts(2, 40, 41, seed=11)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    alone = [_three_block_engine(tiny_model).generate([p], params)[0].token_ids for p in prompts]
+    engine = _three_block_engine(tiny_model, max_chunk_tokens=8)
+    outs = engine.generate(prompts, params)
+    assert [o.token_ids for o in outs] == alone
+    assert engine.scheduler.num_preemptions >= 1
