@@ -151,7 +151,7 @@ def test_driver_killed_by_sigkill_its_ray_stops_status_says_dead_and_the_next_ru
     assert all(p.is_running() for p in others), "the watchdog touched another Ray instance"
     assert not _ray_instance(session)
 
-    assert main(["status", str(out)]) == 0
+    assert main(["status", str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["state"] == "dead" and doc["reported_state"] == "running", doc
     assert f"pid {proc.pid}" in doc["state_reason"] and "resumes" in doc["state_reason"]
