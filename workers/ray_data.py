@@ -31,6 +31,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from hymba_batch.pipeline.enrich import RequestOptions
 from hymba_batch.pipeline.prompts import Prompt, PromptConfig, row_seed
 from hymba_batch.pipeline.unit import OutputConfig, SamplingConfig
 from hymba_batch.pipeline.writer import OUTPUT_SCHEMA
@@ -147,8 +148,8 @@ class HymbaUDF:
         todo = [k for k, i in enumerate(where) if prompts[i].token_ids is not None]
         ids = [where[k] for k in todo]
         seeds = [row_seed(self.config.sampling.seed, "ray-data", 0, staged[k]["_hymba_prompt"]) for k in todo]
-        gens = self.actor._generate([prompts[i].token_ids for i in ids], seeds, [overrides[k] for k in todo]) \
-            if ids else []
+        options = [RequestOptions(**overrides[k]) for k in todo]  # a row's own max_tokens / temperature
+        gens = self.actor._generate([prompts[i].token_ids for i in ids], seeds, options) if ids else []
         out = {name: [None] * len(rows) for name in GENERATED}
         out["prompt_tokens"] = [0] * len(rows)
         out["completion_tokens"] = [0] * len(rows)
