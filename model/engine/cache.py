@@ -26,6 +26,7 @@ import torch
 from ..config import HymbaConfig
 from ..costs import cache_bytes
 from ..hymba import FullSequenceOps, HymbaForCausalLM
+from .transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class KVCache:
         new = [self.free_blocks.pop() for _ in range(need)]
         for b in new:
             self.refs[b] = 1
-        self.block_table[slot, len(have):len(have) + need] = torch.tensor(new, dtype=torch.int32)
+        self.block_table[slot, len(have):len(have) + need] = to_device(new, torch.int32, self.block_table.device)
         have.extend(new)
         return True
 
@@ -182,7 +183,7 @@ class KVCache:
         self._fork_slots.append((src, dst))
         self._fork_len = max(self._fork_len, length)
         if blocks:
-            self.block_table[dst, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            self.block_table[dst, :len(blocks)] = to_device(blocks, torch.int32, self.block_table.device)
         self.blocks_of[dst] = list(blocks)
         return True
 
@@ -190,7 +191,7 @@ class KVCache:
         """Copy the queued forks' state: conv + SSM slots, rings, partly filled last blocks."""
         if self._fork_slots:
             dev = self.conv.device
-            src, dst = (torch.tensor(x, dtype=torch.long, device=dev) for x in zip(*self._fork_slots))
+            src, dst = to_device(list(zip(*self._fork_slots)), torch.long, dev)
             self.conv[:, dst] = self.conv[:, src]
             self.ssm[:, dst] = self.ssm[:, src]
             n = min(self._fork_len, self.ring_size)  # ring entries written so far (positions mod ring)
@@ -198,7 +199,7 @@ class KVCache:
                 if kind == "ring":
                     k[dst, :n], v[dst, :n] = k[src, :n], v[src, :n]
         if self._fork_blocks:
-            src, dst = (torch.tensor(x, dtype=torch.long, device=self.conv.device) for x in zip(*self._fork_blocks))
+            src, dst = to_device(list(zip(*self._fork_blocks)), torch.long, self.conv.device)
             for kind, k, v in self.kv.values():
                 if kind == "paged":  # whole blocks: entries past the prefix are never read before written
                     k[dst], v[dst] = k[src], v[src]

@@ -31,7 +31,8 @@ from .cache import KVCache, plan_cache
 from .constraints import advance_rows
 from .logits import LogitsProcessor
 from .runner import ModelRunner
-from .scheduler import DecodeBatch, Prefix, Scheduler, Sequence
+from .scheduler import DecodeBatch, PrefillBatch, Prefix, Scheduler, Sequence
+from .transfer import ToHost, to_device
 
 
 class QueueFull(RuntimeError):
@@ -52,6 +53,45 @@ class EngineConfig:
     max_waiting: int = 100_000              # queued requests before add_request raises QueueFull
     cpu_budget_bytes: int = 1 << 30         # default cache budget on the CPU
     cuda_graphs: bool = True                # decode under CUDA graphs (CUDA only)
+    overlap: bool = True                    # queue the next decode before reading a step's tokens
+
+
+@dataclass(frozen=True)
+class _SamplingInputs:
+    """One step's per-row sampling parameters, on the device."""
+
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+    seeds: torch.Tensor
+    steps: torch.Tensor  # the index of the output token each row samples
+    all_greedy: bool
+
+    @classmethod
+    def of(cls, seqs: list[Sequence], device: torch.device) -> "_SamplingInputs":
+        p = [s.params for s in seqs]
+        floats = to_device([[x.temperature for x in p], [x.top_p for x in p]], torch.float32, device)
+        ints = to_device([[x.top_k for x in p], [s.seed for s in seqs], [len(s.output) for s in seqs]],
+                         torch.long, device)
+        return cls(floats[0], floats[1], ints[0], ints[1], ints[2], all(x.temperature == 0 for x in p))
+
+    def next(self, idx: torch.Tensor | None) -> "_SamplingInputs":
+        """The rows ``idx`` (all when None), one token later."""
+        pick = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))  # noqa: E731
+        return _SamplingInputs(pick(self.temperature), pick(self.top_p), pick(self.top_k), pick(self.seeds),
+                               pick(self.steps) + 1, self.all_greedy)
+
+
+@dataclass(frozen=True)
+class _Launched:
+    """A step queued on the device whose sampled tokens the host has not read yet."""
+
+    seqs: list[Sequence]
+    result: ToHost                 # the sampled ids (then, with logprobs, their log-probabilities)
+    logprobs: bool
+    tokens: torch.Tensor           # the sampled ids [B], on the device
+    sampling: _SamplingInputs
+    decode: tuple[torch.Tensor, torch.Tensor] | None  # a decode's (slot_idx, pos): the next one's inputs
 
 
 class Engine:
@@ -71,6 +111,7 @@ class Engine:
         self._prefix_ids = itertools.count()
         self._prefixes: dict[int, Prefix] = {}  # added and not yet released by their owner
         self._done: list[RequestOutput] = []  # finished outside a step (rejected requests)
+        self._inflight: _Launched | None = None  # queued on the device, tokens not read yet
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "prefill_s": 0.0, "decode_s": 0.0}
 
     @property
@@ -163,75 +204,142 @@ class Engine:
             prefill_s=float(st["prefill_s"]), decode_s=float(st["decode_s"]), preemptions=sched.num_preemptions)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self._done)
+        return self.scheduler.has_work() or bool(self._done) or self._inflight is not None
 
     # ---- one step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one prefill or decode step; return the requests that finished in it."""
+        """Run one prefill or decode step; return the requests that finished.
+
+        With ``overlap`` (the default) a step's sampled tokens stay on the device until the next
+        call reads them, and the next step is queued before they are read when it does not need
+        them: a decode of the same sequences (``_decode_ahead``) or a prefill after a prefill
+        (``_prefill_ahead``). The host's work on one step's tokens then runs while the device
+        computes the next. Outputs are the same either way (tests/model/engine/test_overlap.py)."""
         finished, self._done = self._done, []
+        t0 = time.perf_counter()
+        prev, self._inflight = self._inflight, None
+        kind = "decode_s"
+        if prev is not None:
+            kind = "decode_s" if prev.decode is not None else "prefill_s"
+            ahead = self._decode_ahead(prev) if prev.decode is not None else self._prefill_ahead(finished)
+            finished += self._apply(prev)
+            if ahead:
+                self.stats[kind] += time.perf_counter() - t0
+                return finished
         batch = self.scheduler.schedule()
+        self._take_rejected(finished)
+        if batch is not None:
+            self.stats["steps"] += 1
+            self.cache.apply_forks()  # state of the sequences forked from a prefix in this schedule
+            if isinstance(batch, DecodeBatch):
+                kind, launched = "decode_s", self._launch_decode(batch.seqs)
+            else:
+                kind, launched = "prefill_s", self._launch_prefill(batch)
+            if launched is not None and not self.config.overlap:
+                finished += self._apply(launched)
+            else:
+                self._inflight = launched
+        self.stats[kind] += time.perf_counter() - t0
+        return finished
+
+    def _take_rejected(self, finished: list[RequestOutput]) -> None:
         for seq, error in self.scheduler.rejected:
             if seq.computes is not None:  # a prefix that never fits: its users prefill it themselves
                 continue
             finished.append(RequestOutput(seq.request_id, seq.output, "error", len(seq.prompt), error))
         self.scheduler.rejected.clear()
-        if batch is None:
-            return finished
-        self.stats["steps"] += 1
-        t0 = time.perf_counter()
-        self.cache.apply_forks()  # state of the sequences forked from a prefix in this schedule
-        kind = "decode_s" if isinstance(batch, DecodeBatch) else "prefill_s"
-        if isinstance(batch, DecodeBatch):
-            seqs = batch.seqs
-            dev = self.model.device
-            slot_idx = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=dev)
-            pos = torch.tensor([s.num_cached for s in seqs], dtype=torch.long, device=dev)
-            ids = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=dev)
-            logits = self.runner.decode(slot_idx, pos, ids)
-            for s in seqs:
-                s.num_cached += 1
-            self.stats["decode_tokens"] += len(seqs)
-            to_sample = seqs
-        else:
-            logits = self.runner.prefill([s.slot for s in batch.seqs], batch.starts, batch.chunks)
-            for s, c in zip(batch.seqs, batch.chunks):
-                s.num_cached += len(c)
-            self.stats["prefill_tokens"] += sum(len(c) for c in batch.chunks)
-            keep = [i for i, done in enumerate(batch.complete) if done]
-            to_sample = [batch.seqs[i] for i in keep]
-            logits = logits[keep] if len(keep) != len(batch.seqs) else logits
-        if any(s.computes is not None for s in to_sample):  # computed prefixes sample nothing
-            keep = [i for i, s in enumerate(to_sample) if s.computes is None]
-            for s in to_sample:
-                if s.computes is not None:
-                    self.scheduler.pin(s)
-            to_sample = [to_sample[i] for i in keep]
-            logits = logits[keep]
-        if to_sample:
-            finished += self._sample_and_update(to_sample, logits)  # syncs: the step is done
-        self.stats[kind] += time.perf_counter() - t0
-        return finished
 
-    def _sample_and_update(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
-        dev = logits.device
-        p = [s.params for s in seqs]
+    def _prefill_ahead(self, finished: list[RequestOutput]) -> bool:
+        """After a prefill: queue the next prefill, if one is due, before the last one's tokens
+        are read (its chunks never need them). True when a step was queued."""
+        batch = self.scheduler.prefill_next()
+        self._take_rejected(finished)
+        if batch is None:
+            return False
+        self.stats["steps"] += 1
+        self.cache.apply_forks()
+        self._inflight = self._launch_prefill(batch)
+        return True
+
+    def _launch_decode(self, seqs: list[Sequence]) -> _Launched:
+        dev = self.model.device
+        inputs = to_device([[s.slot for s in seqs], [s.num_cached for s in seqs], [s.last_token for s in seqs]],
+                           torch.long, dev)
+        slot_idx, pos, ids = inputs[0], inputs[1], inputs[2]
+        logits = self.runner.decode(slot_idx, pos, ids)
+        for s in seqs:
+            s.num_cached += 1
+        self.stats["decode_tokens"] += len(seqs)
+        return self._launch_sampling(seqs, logits, (slot_idx, pos), _SamplingInputs.of(seqs, dev))
+
+    def _launch_prefill(self, batch: PrefillBatch) -> _Launched | None:
+        logits = self.runner.prefill([s.slot for s in batch.seqs], batch.starts, batch.chunks)
+        for s, c in zip(batch.seqs, batch.chunks):
+            s.num_cached += len(c)
+        self.stats["prefill_tokens"] += sum(len(c) for c in batch.chunks)
+        keep = []
+        for i, (s, done) in enumerate(zip(batch.seqs, batch.complete)):
+            if done and s.computes is not None:  # a computed prefix samples nothing: pin it
+                self.scheduler.pin(s)
+            elif done:
+                keep.append(i)
+        if not keep:
+            return None
+        to_sample = [batch.seqs[i] for i in keep]
+        if len(keep) != len(batch.seqs):
+            logits = logits.index_select(0, to_device(keep, torch.long, logits.device))
+        return self._launch_sampling(to_sample, logits, None, _SamplingInputs.of(to_sample, logits.device))
+
+    def _decode_ahead(self, prev: _Launched) -> bool:
+        """Queue the decode that follows ``prev`` before prev's tokens are read, when it is
+        knowable now: prev was a decode, the scheduler would decode the same sequences next (no
+        prefill due), and no request among them needs its tokens on the host to shape its next
+        logits (a grammar mask, penalties, min_new_tokens). Sequences that end at prev by length
+        are left out; one that stops at prev (EOS, a stop string) computes one token, dropped.
+        True when the decode was queued."""
+        assert prev.decode is not None
+        live = [i for i, s in enumerate(prev.seqs) if not s.finished]
+        if not self.scheduler.decodes_next(len(live)):
+            return False
+        keep = [i for i in live if len(prev.seqs[i].output) + 1 < prev.seqs[i].params.max_new_tokens
+                and prev.seqs[i].num_tokens + 1 < self.max_context]
+        seqs = [prev.seqs[i] for i in keep]
+        if not seqs or not all(self.logits_processor.passthrough(s, ahead=1) for s in seqs):
+            return False
+        if not all(self.cache.reserve_blocks(s.slot, s.num_cached + 1) for s in seqs):
+            return False  # the scheduler preempts: after prev's tokens are read
+        idx = None if len(keep) == len(prev.seqs) else to_device(keep, torch.long, prev.tokens.device)
+        pick = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))  # noqa: E731
+        slot_idx, pos = (pick(t) for t in prev.decode)
+        pos = pos + 1
+        logits = self.runner.decode(slot_idx, pos, pick(prev.tokens))
+        for s in seqs:
+            s.num_cached += 1
+        self.stats["steps"] += 1
+        self.stats["decode_tokens"] += len(seqs)
+        self._inflight = self._launch_sampling(seqs, logits, (slot_idx, pos), prev.sampling.next(idx))
+        return True
+
+    def _launch_sampling(self, seqs: list[Sequence], logits: torch.Tensor,
+                         decode: tuple[torch.Tensor, torch.Tensor] | None, sampling: _SamplingInputs) -> _Launched:
+        """Queue the logits transforms, sampling and the copy of the tokens to the host."""
         raw, logits = logits, self.logits_processor.process(seqs, logits)
-        new_dev = sample(
-            logits,
-            torch.tensor([x.temperature for x in p], device=dev),
-            torch.tensor([x.top_p for x in p], device=dev),
-            torch.tensor([x.top_k for x in p], dtype=torch.long, device=dev),
-            torch.tensor([s.seed for s in seqs], dtype=torch.long, device=dev),
-            torch.tensor([len(s.output) for s in seqs], dtype=torch.long, device=dev),
-            all_greedy=all(x.temperature == 0 for x in p),
-        )
-        self.logits_processor.record(new_dev)
-        lp = self.logits_processor.logprobs(seqs, raw, new_dev)
-        if lp is None:
-            new, lps = new_dev.tolist(), None
-        else:  # one transfer for both (ids < 2^53 are exact in float64)
-            both = torch.cat([new_dev.double(), lp.double()]).tolist()
-            new, lps = [int(t) for t in both[:len(seqs)]], both[len(seqs):]
+        new = sample(logits, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seeds, sampling.steps,
+                     all_greedy=sampling.all_greedy)
+        self.logits_processor.record(new)
+        lp = self.logits_processor.logprobs(seqs, raw, new)
+        payload = new if lp is None else torch.cat([new.double(), lp.double()])  # one copy for both
+        return _Launched(seqs, ToHost(payload), lp is not None, new, sampling, decode)
+
+    def _apply(self, launched: _Launched) -> list[RequestOutput]:
+        """Read a launched step's tokens (waiting for that step only) and advance its requests."""
+        vals = launched.result.wait()
+        n = len(launched.seqs)
+        new, lps = (vals, None) if not launched.logprobs else ([int(t) for t in vals[:n]], vals[n:])
+        live = [i for i, s in enumerate(launched.seqs) if not s.finished]  # stopped at the step before
+        seqs = [launched.seqs[i] for i in live]
+        new = [new[i] for i in live]
+        lps = None if lps is None else [lps[i] for i in live]
         con = [i for i, s in enumerate(seqs) if s.params.constraint is not None]
         errors: dict[int, str | None] = {}
         if con:

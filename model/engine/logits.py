@@ -95,6 +95,14 @@ class LogitsProcessor:
             self._host = buf.pin_memory() if self.device.type == "cuda" else buf
         return self._host[:n]
 
+    @staticmethod
+    def passthrough(seq: "Sequence", ahead: int = 0) -> bool:
+        """``process`` leaves this sequence's row untouched ``ahead`` tokens from now (what it
+        needs is known without the tokens in between)."""
+        p, c = seq.params, seq.params.constraint
+        return (not (c is not None and c.masks) and not p.penalized
+                and (p.ignore_eos or len(seq.output) + ahead >= p.min_new_tokens))
+
     def process(self, seqs: list["Sequence"], logits: torch.Tensor) -> torch.Tensor:
         """The logits to sample from (the same tensor when no request asks for anything).
 

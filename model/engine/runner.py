@@ -16,6 +16,7 @@ from ..kernels.attention import attention_decode, attention_prefill
 from ..kernels.conv import causal_conv1d_update, causal_conv1d_varlen
 from ..kernels.scan import selective_scan_varlen, selective_state_update
 from .cache import KVCache
+from .transfer import to_device
 
 
 class PrefillOps:
@@ -27,9 +28,8 @@ class PrefillOps:
         B = len(slots)
         self.B, self.Lmax = B, max(lengths)
         self.starts_host = starts
-        self.slot_idx = torch.tensor(slots, dtype=torch.long, device=dev)
-        self.start = torch.tensor(starts, dtype=torch.long, device=dev)
-        self.lens = lens = torch.tensor(lengths, dtype=torch.long, device=dev)
+        self.slot_idx, self.start, self.lens = to_device([slots, starts, lengths], torch.long, dev)
+        lens = self.lens
         self.cu = torch.zeros(B + 1, dtype=torch.int32, device=dev)
         self.cu[1:] = lens.cumsum(0)
         # packed row t -> (sequence b, offset i in its chunk); real position m = start[b] + i
@@ -131,7 +131,7 @@ class ModelRunner:
         """Run chunks (token ids per sequence, continuing at ``starts``); logits [B, V] of each
         chunk's last token."""
         ops = PrefillOps(self.cache, slots, starts, [len(c) for c in chunks])
-        ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=self.model.device)
+        ids = to_device([t for c in chunks for t in c], torch.long, self.model.device)
         h = self.model.run_layers(self.model.model.embed_tokens(ids), ops)
         return self.model.head(h[ops.last_rows])
 

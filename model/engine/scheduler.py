@@ -66,6 +66,7 @@ class Sequence:
     prefix: Prefix | None = None    # the prompt starts with these tokens: fork from them
     computes: Prefix | None = None  # this sequence computes that prefix (and samples nothing)
     holds_prefix: bool = False      # counted in ``prefix.holds`` until it forks
+    finished: bool = False          # done (its slot freed); a decode queued ahead drops its token
 
     @property
     def tokens(self) -> list[int]:
@@ -194,6 +195,11 @@ class Scheduler:
             return batch
         return self._decode()
 
+    def prefill_next(self) -> PrefillBatch | None:
+        """The next prefill, if one is due, while the last step's sampled tokens are not read yet
+        (those sequences, ``pending == 0``, are neither prefilled nor preempted here)."""
+        return self._prefill()
+
     def _chunk(self, batch: PrefillBatch, seq: Sequence, budget: int) -> int:
         n = min(seq.pending, budget, self.max_chunk_tokens)
         if not self.cache.reserve_blocks(seq.slot, seq.num_cached + n):
@@ -214,7 +220,7 @@ class Scheduler:
                 if used == 0:
                     stuck.append(seq)
                 budget -= used
-        if stuck and not batch.seqs and not any(s.pending == 1 for s in self.running):
+        if stuck and not batch.seqs and not any(s.pending <= 1 for s in self.running):
             self._unstick()  # nothing runs and nothing will free blocks by itself
             return None
         if not self._worth_admitting(budget):
@@ -268,11 +274,19 @@ class Scheduler:
             self.finish(victim)
             self._reject(victim)
 
-    def _worth_admitting(self, budget: int) -> bool:
+    def decodes_next(self, batch_size: int) -> bool:
+        """Whether the next step would be a decode of the ``batch_size`` sequences of the decode
+        whose tokens are not read yet: they are every running sequence (no chunked prefill to
+        continue) and no admission is due."""
+        return batch_size == len(self.running) and not self._worth_admitting(self.max_batch_tokens, decoding=True)
+
+    def _worth_admitting(self, budget: int, decoding: bool | None = None) -> bool:
         if not self.waiting or budget <= 0:
             return False
         free = len(self.cache.free_slots)
-        if not any(s.pending == 1 for s in self.running) or free >= min(self.admit_slots, len(self.waiting)):
+        if decoding is None:
+            decoding = any(s.pending <= 1 for s in self.running)  # 0: its last token not read yet
+        if not decoding or free >= min(self.admit_slots, len(self.waiting)):
             return True
         tokens = 0
         for i, seq in enumerate(self.waiting):
@@ -307,3 +321,4 @@ class Scheduler:
         del self.running[seq]
         self.cache.free(seq.slot)
         seq.slot = None
+        seq.finished = True

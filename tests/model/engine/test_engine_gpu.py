@@ -133,3 +133,21 @@ def test_forked_prefix_equals_whole_prompts_fp32(gold32, rand_prompts):
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
     assert engine.scheduler.forked_tokens == 12 * 300
     assert len(engine.cache.free_blocks) == engine.cache.shape.num_blocks - 1
+
+
+def test_overlap_equals_reading_every_step_on_cuda(gold32, rand_prompts):
+    """The overlapped engine (pinned copies, events, decodes queued ahead under CUDA graphs)
+    gives the tokens of the engine that reads every step's tokens first."""
+    prompts = rand_prompts(40, 2, 120, seed=41)
+    params = [SamplingParams(max_new_tokens=4 + i % 23, temperature=0.0 if i % 2 else 0.8, seed=i,
+                             stop_token_ids=(7, 11, 13) if i % 3 == 0 else (), logprobs=i % 5 == 0)
+              for i in range(len(prompts))]
+    outs = {}
+    for overlap in (False, True):
+        cfg = EngineConfig(memory_budget_bytes=1 << 28, max_num_seqs=16, max_batch_tokens=256,
+                           max_chunk_tokens=64, overlap=overlap)
+        got = Engine(gold32, cfg).generate(prompts, params)
+        outs[overlap] = [(o.token_ids, o.finish_reason) for o in got]
+        lps = [o.logprobs for o in got if o.logprobs]
+    assert outs[True] == outs[False]
+    assert lps
