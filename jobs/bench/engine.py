@@ -20,6 +20,7 @@ median of ``--repeats`` timed runs. Prints a table, then one JSON line last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -129,16 +130,35 @@ def profile_steps(engine: Engine, out_path: str) -> str:
             engine.step()
         engine.step()  # a first decode step (graph capture for this bucket happens here)
 
+    def loop(title: str, steps: int = 10) -> str:
+        """Wall time of consecutive steps against the GPU's kernel time in them: the gap is host work
+        the GPU waits for."""
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / steps
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+        gpu = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / steps
+        return f"{title}: {steps} steps, wall {wall * 1e3:.1f} ms/step, GPU kernels {gpu:.1f} ms/step\n"
+
     tables = []
     for n, plen, title in ((512, 1024, "S"), (2048, 128, "G")):
         for p in prompts_for(n, plen, seed=21):
-            engine.add_request(p, SamplingParams(max_new_tokens=8, ignore_eos=True))
+            engine.add_request(p, SamplingParams(max_new_tokens=8 if title == "S" else 40, ignore_eos=True))
         if title == "S":
             engine.step()  # warm
             torch.cuda.synchronize()
             tables.append(profiled("PREFILL STEP (16 x 1024 tokens)"))
+            tables.append(loop("PREFILL LOOP (S)", 5))
         until_decode()
         tables.append(profiled(f"DECODE STEP ({title}: batch {n}, context ~{plen + 128 + 2})"))
+        if title == "G":
+            tables.append(loop("DECODE LOOP (G: batch 2048)"))
         while engine.has_unfinished():
             engine.step()
     text = "\n".join(tables)
@@ -271,6 +291,8 @@ def main() -> None:
                     help="engine's per-sequence chunk cap (0: none; default: the engine's default)")
     ap.add_argument("--chunk-caps", default="", help="comma list: rerun each workload with these per-sequence "
                     "chunk caps (0: none); results named e.g. M@1024")
+    ap.add_argument("--sync-too", action="store_true", help="rerun each workload with EngineConfig.overlap off "
+                    "(results named e.g. G/sync): the host/device overlap's gain in the same run")
     ap.add_argument("--json-out", default="")
     ap.add_argument("--profile", default="", help="write a kernel profile of a prefill and two decode steps here")
     a = ap.parse_args()
@@ -299,25 +321,37 @@ def main() -> None:
         result["engine"] = {"slots": engine.cache.shape.num_slots, "blocks": engine.cache.shape.num_blocks,
                             "cache_gib": engine.cache.nbytes() / 2**30}
         engine.generate(prompts_for(64, 256, seed=5), SamplingParams(max_new_tokens=16, ignore_eos=True))
+        # kernels compile per shape class: chunked prefills over a cached history appear only with
+        # mixed lengths (a first M run measured 45.7 docs/s against 79.0 in the same run after it)
+        t = time.perf_counter()
+        warm, _ = workload("M", 0.1)
+        engine.generate(warm, SamplingParams(max_new_tokens=8, ignore_eos=True))
+        torch.cuda.synchronize()
+        result["warmup_mixed_s"] = time.perf_counter() - t
         if a.profile:
             print(profile_steps(engine, a.profile)[-9000:])
         default_cap = engine.scheduler.max_chunk_tokens
         floor_cache: dict[str, dict] = {}
-        runs = [(name, None) for name in a.workloads.split(",")]
-        runs += [(name, int(c)) for name in a.workloads.split(",") for c in a.chunk_caps.split(",") if c]
-        for name, cap in runs:
+        runs = [(name, None, True) for name in a.workloads.split(",")]
+        runs += [(name, int(c), True) for name in a.workloads.split(",") for c in a.chunk_caps.split(",") if c]
+        if a.sync_too:  # the same engine reading every step's tokens before the next (EngineConfig.overlap off)
+            runs = [r for name, cap, _ in runs for r in ((name, cap, True), (name, cap, False))]
+        overlap_config = engine.config
+        for name, cap, overlap in runs:
             prompts, news = workload(name, a.scale)
             engine.stats.update(prefill_s=0.0, decode_s=0.0, prefill_tokens=0, decode_tokens=0, steps=0)
             engine.scheduler.max_chunk_tokens = (cap or a.max_batch_tokens) if cap is not None else default_cap
+            engine.config = dataclasses.replace(overlap_config, overlap=overlap)
             r = run_workload(engine, name, prompts, news, a.repeats)
             r["max_chunk_tokens"] = engine.scheduler.max_chunk_tokens
+            r["overlap"] = overlap
             if name not in floor_cache:  # the floors depend on the workload only (ratios: x seconds)
                 floor_cache[name] = floors(cfg, prompts, news, 1.0, ceil, engine.cache.shape.num_slots)
             f = dict(floor_cache[name])
             f["ratio_to_compute_floor"] *= r["seconds"]
             f["ratio_to_bandwidth_floor"] *= r["seconds"]
             r.update(f)
-            name = name if cap is None else f"{name}@{cap}"
+            name = (name if cap is None else f"{name}@{cap}") + ("" if overlap else "/sync")
             r["engine_stats"] = dict(engine.stats)  # summed over the repeats
             result[name] = r
             rows.append((name, f"{r['docs_per_s']:.1f} docs/s", f"{r['gen_tok_per_s']:.0f} gen tok/s",

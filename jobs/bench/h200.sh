@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The H200 session's benchmark commands, as run through the device tool (one GPU, bf16, random
 # weights of the real config). Results land in $OUT and are committed under jobs/bench/results/.
-#   bash jobs/bench/h200.sh engine     GPU tests of the engine, then S, M, G, L with the
-#                                      transformers baselines (the cache that won in an earlier run)
+#   bash jobs/bench/h200.sh engine     GPU tests of the model, then S, M, G, L, each also with the
+#                                      engine's overlap off (same run), and a step profile
+#   bash jobs/bench/h200.sh baselines  S and G beside transformers generate (the cache that won before)
+#   bash jobs/bench/h200.sh enrich     prefix sharing (engine), the JSON-schema constraint's cost on G,
+#                                      classify rows/s
 #   bash jobs/bench/h200.sh pipeline   the whole job vs the engine alone on 5,000 rows of real prose,
-#                                      cold start; prefix sharing (engine); enrichment costs
-# Needs: .whl/ (Ray and its missing dependencies, see ../shared/device/README.md) for `pipeline`,
-# .devshared/ (a copy of ../shared/golden and ../shared/hymba-1.5b) for `engine`.
+#                                      cold start
+# Needs: .whl/ (Ray and its missing dependencies, see ../shared/device/README.md, plus llguidance)
+# for `enrich` and `pipeline`, .devshared/ (a copy of ../shared/golden and ../shared/hymba-1.5b)
+# for `engine`.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/pkg/hymba_batch
@@ -17,16 +21,22 @@ fi
 export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 HYMBA_SHARED=$PWD/.devshared
 case "${1:-}" in
   engine)
-    timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/model/engine 2>&1 | tee "$OUT/gpu-engine-tests.log" | tail -5
-    timeout 360 python3 -m hymba_batch.jobs.bench.engine --workloads S,M,G,L --repeats 1 --baselines \
-      --hf-caches S=dynamic,G=static --json-out "$OUT/engine.json" 2>&1 | grep "|"
+    timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/model 2>&1 | tee "$OUT/gpu-tests.log" | tail -5
+    timeout 380 python3 -m hymba_batch.jobs.bench.engine --workloads S,M,G,L --repeats 1 --sync-too \
+      --profile "$OUT/profile.txt" --json-out "$OUT/engine.json" 2>&1 | grep -E "\||LOOP"
     ;;
-  pipeline)
-    timeout 260 python3 -m hymba_batch.jobs.bench.pipeline_scale --rows 5000 --gpus 1 --actors-per-gpu 1 \
-      --cold-start --json-out "$OUT/pipeline.json" 2>&1 | grep "|"
-    timeout 120 python3 -m hymba_batch.jobs.bench.prefix --rows 3072 --modes engine --json-out "$OUT/prefix.json" 2>&1 | tail -4
-    timeout 120 python3 -m hymba_batch.jobs.bench.enrich --prompts 512 --classify-rows 512 \
+  baselines)  # the transformers baselines beside S and G (about 5 minutes)
+    timeout 560 python3 -m hymba_batch.jobs.bench.engine --workloads S,G --repeats 1 --baselines \
+      --hf-caches S=dynamic,G=static --json-out "$OUT/engine-baselines.json" 2>&1 | grep "|"
+    ;;
+  enrich)  # issue #14's figures: prefix sharing (engine), the constraint's cost, classify rows/s
+    timeout 150 python3 -m hymba_batch.jobs.bench.prefix --rows 3072 --modes engine --json-out "$OUT/prefix.json" 2>&1 | tail -4
+    timeout 300 python3 -m hymba_batch.jobs.bench.enrich --prompts 512 --classify-rows 512 \
       --json-out "$OUT/enrich.json" 2>&1 | tail -8
     ;;
-  *) echo "usage: $0 engine|pipeline" >&2; exit 2 ;;
+  pipeline)
+    timeout 560 python3 -m hymba_batch.jobs.bench.pipeline_scale --rows 5000 --gpus 1 --actors-per-gpu 1 \
+      --cold-start --json-out "$OUT/pipeline.json" 2>&1 | grep "|"
+    ;;
+  *) echo "usage: $0 engine|baselines|enrich|pipeline" >&2; exit 2 ;;
 esac

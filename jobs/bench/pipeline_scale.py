@@ -85,6 +85,8 @@ import torch
 from hymba_batch.model import load_model
 from hymba_batch.model.engine import Engine, EngineConfig, SamplingParams
 t1 = time.perf_counter()
+torch.empty(1, device="cuda")
+t_cuda = time.perf_counter()
 model = load_model(sys.argv[1], device="cuda", dtype=torch.bfloat16)
 torch.cuda.synchronize()
 t2 = time.perf_counter()
@@ -94,7 +96,7 @@ engine.generate([[1] + list(range(100, 900))] * 8 + [[1] + list(range(5, 300))] 
                 SamplingParams(max_new_tokens=4, ignore_eos=True))
 torch.cuda.synchronize()
 t4 = time.perf_counter()
-print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "engine_init_s": t3 - t2, "first_batch_s": t4 - t3,
+print(json.dumps({"import_s": t1 - t0, "cuda_init_s": t_cuda - t1, "load_s": t2 - t_cuda, "engine_init_s": t3 - t2, "first_batch_s": t4 - t3,
                   "total_s": t4 - t0}))
 """
 
