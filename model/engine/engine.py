@@ -75,11 +75,11 @@ class _SamplingInputs:
                          torch.long, device)
         return cls(floats[0], floats[1], ints[0], ints[1], ints[2], all(x.temperature == 0 for x in p))
 
-    def next(self, idx: torch.Tensor | None) -> "_SamplingInputs":
-        """The rows ``idx`` (all when None), one token later."""
+    def select(self, idx: torch.Tensor | None, ahead: int = 0) -> "_SamplingInputs":
+        """The rows ``idx`` (all when None), ``ahead`` tokens later."""
         pick = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))  # noqa: E731
         return _SamplingInputs(pick(self.temperature), pick(self.top_p), pick(self.top_k), pick(self.seeds),
-                               pick(self.steps) + 1, self.all_greedy)
+                               pick(self.steps) + ahead, self.all_greedy)
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,7 @@ class Engine:
         self._prefixes: dict[int, Prefix] = {}  # added and not yet released by their owner
         self._done: list[RequestOutput] = []  # finished outside a step (rejected requests)
         self._inflight: _Launched | None = None  # queued on the device, tokens not read yet
+        self._unsampled: tuple | None = None  # a decode queued ahead whose sampling waits for the host
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0, "prefill_s": 0.0, "decode_s": 0.0}
 
     @property
@@ -223,6 +224,8 @@ class Engine:
             kind = "decode_s" if prev.decode is not None else "prefill_s"
             ahead = self._decode_ahead(prev) if prev.decode is not None else self._prefill_ahead(finished)
             finished += self._apply(prev)
+            if self._unsampled is not None:  # its logits needed prev's tokens on the host
+                self._inflight, self._unsampled = self._sample_live(*self._unsampled), None
             if ahead:
                 self.stats[kind] += time.perf_counter() - t0
                 return finished
@@ -292,11 +295,12 @@ class Engine:
 
     def _decode_ahead(self, prev: _Launched) -> bool:
         """Queue the decode that follows ``prev`` before prev's tokens are read, when it is
-        knowable now: prev was a decode, the scheduler would decode the same sequences next (no
-        prefill due), and no request among them needs its tokens on the host to shape its next
-        logits (a grammar mask, penalties, min_new_tokens). Sequences that end at prev by length
-        are left out; one that stops at prev (EOS, a stop string) computes one token, dropped.
-        True when the decode was queued."""
+        knowable now: prev was a decode and the scheduler would decode the same sequences next (no
+        prefill due). Sequences that end at prev by length are left out; one that stops at prev
+        (EOS, a stop string) computes one token, dropped. When a request needs prev's tokens on
+        the host to shape its next logits (a grammar mask, penalties, min_new_tokens), only the
+        forward is queued now: its sampling follows once they are read (``_sample_live``), so the
+        host's mask work still runs beside the forward. True when the decode was queued."""
         assert prev.decode is not None
         live = [i for i, s in enumerate(prev.seqs) if not s.finished]
         if not self.scheduler.decodes_next(len(live)):
@@ -304,7 +308,7 @@ class Engine:
         keep = [i for i in live if len(prev.seqs[i].output) + 1 < prev.seqs[i].params.max_new_tokens
                 and prev.seqs[i].num_tokens + 1 < self.max_context]
         seqs = [prev.seqs[i] for i in keep]
-        if not seqs or not all(self.logits_processor.passthrough(s, ahead=1) for s in seqs):
+        if not seqs:
             return False
         if not all(self.cache.reserve_blocks(s.slot, s.num_cached + 1) for s in seqs):
             return False  # the scheduler preempts: after prev's tokens are read
@@ -317,8 +321,25 @@ class Engine:
             s.num_cached += 1
         self.stats["steps"] += 1
         self.stats["decode_tokens"] += len(seqs)
-        self._inflight = self._launch_sampling(seqs, logits, (slot_idx, pos), prev.sampling.next(idx))
+        sampling = prev.sampling.select(idx, ahead=1)
+        if all(self.logits_processor.passthrough(s, ahead=1) for s in seqs):
+            self._inflight = self._launch_sampling(seqs, logits, (slot_idx, pos), sampling)
+        else:
+            self._unsampled = (seqs, logits, (slot_idx, pos), sampling)
         return True
+
+    def _sample_live(self, seqs: list[Sequence], logits: torch.Tensor, decode: tuple[torch.Tensor, torch.Tensor],
+                     sampling: _SamplingInputs) -> _Launched | None:
+        """Sample a decode queued ahead, now that the step before it is read: the sequences that
+        finished there are dropped."""
+        live = [i for i, s in enumerate(seqs) if not s.finished]
+        if not live:
+            return None
+        if len(live) != len(seqs):
+            idx = to_device(live, torch.long, logits.device)
+            seqs, logits = [seqs[i] for i in live], logits.index_select(0, idx)
+            decode, sampling = (decode[0].index_select(0, idx), decode[1].index_select(0, idx)), sampling.select(idx)
+        return self._launch_sampling(seqs, logits, decode, sampling)
 
     def _launch_sampling(self, seqs: list[Sequence], logits: torch.Tensor,
                          decode: tuple[torch.Tensor, torch.Tensor] | None, sampling: _SamplingInputs) -> _Launched:

@@ -84,16 +84,14 @@ class LogitsProcessor:
         self.vocab, self.eos, self.device = vocab, eos, device
         self.words = bitmask_words(vocab)
         self.penalties = PenaltyState(vocab, device)
-        self._host = torch.zeros(0, self.words, dtype=torch.int32)  # pinned on CUDA
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, batch idx) to record
         self.stats = {"constraint_fill_s": 0.0, "constraint_advance_s": 0.0}  # host time, for benchmarks
 
     def _host_rows(self, n: int) -> torch.Tensor:
-        if self._host.shape[0] < n:
-            size = max(n, 2 * self._host.shape[0], 64)
-            buf = torch.zeros(size, self.words, dtype=torch.int32)
-            self._host = buf.pin_memory() if self.device.type == "cuda" else buf
-        return self._host[:n]
+        """Rows for this step's masks: fresh pinned memory on CUDA (the copy to the device may run
+        after the host has moved on to the next step; PyTorch's caching host allocator keeps a
+        block until the copy that reads it has run), plain memory elsewhere."""
+        return torch.empty(n, self.words, dtype=torch.int32, pin_memory=self.device.type == "cuda")
 
     @staticmethod
     def passthrough(seq: "Sequence", ahead: int = 0) -> bool:

@@ -4,6 +4,7 @@ against the fp32 reference; consistency across batches, chunks and the window bo
 
 import pytest
 import torch
+from engine_testutil import NextResidue
 
 from hymba_batch.model import load_model
 from hymba_batch.model.engine import Engine, EngineConfig, SamplingParams
@@ -139,14 +140,19 @@ def test_overlap_equals_reading_every_step_on_cuda(gold32, rand_prompts):
     """The overlapped engine (pinned copies, events, decodes queued ahead under CUDA graphs)
     gives the tokens of the engine that reads every step's tokens first."""
     prompts = rand_prompts(40, 2, 120, seed=41)
-    params = [SamplingParams(max_new_tokens=4 + i % 23, temperature=0.0 if i % 2 else 0.8, seed=i,
-                             stop_token_ids=(7, 11, 13) if i % 3 == 0 else (), logprobs=i % 5 == 0)
-              for i in range(len(prompts))]
+    vocab = gold32.config.vocab_size
+
+    def params():  # constraints hold state: fresh ones per run
+        return [SamplingParams(max_new_tokens=4 + i % 23, temperature=0.0 if i % 2 else 0.8, seed=i,
+                               stop_token_ids=(7, 11, 13) if i % 3 == 0 else (), logprobs=i % 5 == 0,
+                               constraint=NextResidue(vocab, 3 + i % 7) if i % 4 == 1 else None)
+                for i in range(len(prompts))]
+
     outs = {}
     for overlap in (False, True):
         cfg = EngineConfig(memory_budget_bytes=1 << 28, max_num_seqs=16, max_batch_tokens=256,
                            max_chunk_tokens=64, overlap=overlap)
-        got = Engine(gold32, cfg).generate(prompts, params)
+        got = Engine(gold32, cfg).generate(prompts, params())
         outs[overlap] = [(o.token_ids, o.finish_reason) for o in got]
         lps = [o.logprobs for o in got if o.logprobs]
     assert outs[True] == outs[False]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine_testutil import NextResidue
+
 from hymba_batch.model.costs import cache_bytes
 from hymba_batch.model.engine import Engine, EngineConfig, SamplingParams
 
@@ -87,6 +89,24 @@ def test_a_watching_constraint_stops_the_same_token_with_overlap(tiny_model, ran
     ref, _, _ = _run(tiny_model, prompts, params(), overlap=False)
     got, engine, ahead = _run(tiny_model, prompts, params())
     assert ahead > 0 and all(r == "stop" for _, r, _ in got)
+    assert got == ref
+    _assert_all_free(engine)
+
+
+def test_masks_that_need_the_last_token_are_filled_after_it_is_read(tiny_model, rand_prompts):
+    prompts = rand_prompts(12, 3, 30, seed=34)
+    vocab = tiny_model.config.vocab_size
+
+    def params():
+        return [SamplingParams(max_new_tokens=20, temperature=0.0 if i % 2 else 1.0, seed=i,
+                               repetition_penalty=1.2 if i % 3 == 0 else 1.0,
+                               constraint=NextResidue(vocab, 6 + i % 9)) for i in range(len(prompts))]
+
+    ref, _, _ = _run(tiny_model, prompts, params(), overlap=False)
+    got, engine, ahead = _run(tiny_model, prompts, params())
+    assert ahead > 5 and all(r == "stop" for _, r, _ in got)
+    for toks, _, _ in got:
+        assert all(b % 5 == (a + 1) % 5 for a, b in zip(toks, toks[1:]))
     assert got == ref
     _assert_all_free(engine)
 
