@@ -23,6 +23,7 @@ import torch
 
 from ..sampling import apply_penalties, apply_token_bitmask, token_logprobs
 from .constraints import bitmask_words, fill_rows
+from .transfer import to_device
 
 if TYPE_CHECKING:
     from .scheduler import Sequence
@@ -50,9 +51,9 @@ class PenaltyState:
                 self.row_of[s.request_id] = r
                 self.counts[r].zero_()
                 self.seen[r].zero_()
-                self.seen[r, torch.tensor(s.tokens, dtype=torch.long, device=self.device)] = True
+                self.seen[r, to_device(s.tokens, torch.long, self.device)] = True
                 if s.output:
-                    self.counts[r].index_add_(0, torch.tensor(s.output, device=self.device),
+                    self.counts[r].index_add_(0, to_device(s.output, torch.long, self.device),
                                               torch.ones(len(s.output), device=self.device))
             out.append(r)
         return out
@@ -129,21 +130,20 @@ class LogitsProcessor:
         logits = logits.clone()
         if pen:
             rows = self.penalties.rows([seqs[i] for i in pen])
-            idx = torch.tensor(pen, dtype=torch.long, device=dev)
-            rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
+            idx, rows_t = to_device([pen, rows], torch.long, dev)
             ps = [seqs[i].params for i in pen]
-            logits[idx] = apply_penalties(
-                logits[idx], self.penalties.counts[rows_t], self.penalties.seen[rows_t],
-                torch.tensor([p.repetition_penalty for p in ps], device=dev),
-                torch.tensor([p.presence_penalty for p in ps], device=dev),
-                torch.tensor([p.frequency_penalty for p in ps], device=dev))
+            rep, pres, freq = to_device([[p.repetition_penalty for p in ps], [p.presence_penalty for p in ps],
+                                         [p.frequency_penalty for p in ps]], torch.float32, dev)
+            logits[idx] = apply_penalties(logits[idx], self.penalties.counts[rows_t], self.penalties.seen[rows_t],
+                                          rep, pres, freq)
             self._pending = (rows_t, idx)
         if r_min:
-            logits[torch.tensor(r_min, device=dev), torch.tensor(c_min, device=dev)] = float("-inf")
+            r_t, c_t = to_device([r_min, c_min], torch.long, dev)
+            logits[r_t, c_t] = float("-inf")
         if con:
             assert host is not None
             mask = host.to(dev, non_blocking=True)
-            idx = torch.tensor(con, dtype=torch.long, device=dev)
+            idx = to_device(con, torch.long, dev)
             logits[idx] = apply_token_bitmask(logits[idx], mask)
         return logits
 

@@ -33,8 +33,9 @@ class PrefillOps:
         self.cu = torch.zeros(B + 1, dtype=torch.int32, device=dev)
         self.cu[1:] = lens.cumsum(0)
         # packed row t -> (sequence b, offset i in its chunk); real position m = start[b] + i
-        self.row_b = torch.repeat_interleave(torch.arange(B, device=dev), lens)
-        self.row_i = torch.arange(sum(lengths), device=dev) - self.cu[:-1].long()[self.row_b]
+        T = sum(lengths)  # a host int: repeat_interleave would otherwise read it from the device (a sync)
+        self.row_b = torch.repeat_interleave(torch.arange(B, device=dev), lens, output_size=T)
+        self.row_i = torch.arange(T, device=dev) - self.cu[:-1].long()[self.row_b]
         self.row_m = self.start[self.row_b] + self.row_i
         self.cos, self.sin = rope_cos_sin(cfg, self.row_m + cfg.num_memory_tokens, cache.shape.dtype)
         self.kv: dict[int, tuple[torch.Tensor, ...]] = {}
