@@ -53,7 +53,7 @@ class EngineConfig:
     max_waiting: int = 100_000              # queued requests before add_request raises QueueFull
     cpu_budget_bytes: int = 1 << 30         # default cache budget on the CPU
     cuda_graphs: bool = True                # decode under CUDA graphs (CUDA only)
-    overlap: bool = True                    # queue the next decode before reading a step's tokens
+    overlap: bool = True                    # queue the next step before reading the last one's tokens
 
 
 @dataclass(frozen=True)
