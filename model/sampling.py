@@ -24,12 +24,19 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & mask(31))
 
 
+_BELOW_ONE = 1.0 - 2.0 ** -24  # the largest float32 below 1
+
+
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[B, vocab] uniforms in (0, 1) determined by (seed, step, column) only."""
+    """[B, vocab] uniforms in (0, 1) determined by (seed, step, column) only. Never 1: the top
+    mantissa, (2^24 - 0.5) / 2^24, rounds to 1.0 in float32, whose Gumbel noise is +inf, and
+    +inf plus a masked -inf logit is NaN, which argmax picks: a sampled row had a vocab / 2^24
+    chance per step (1 in ~520 for Hymba) to get a token its grammar mask, top-k or top-p had
+    excluded; half the 350-token JSON rows of the H200 enrich bench broke on it."""
     col = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
     key = _mix(_mix(seeds.long() * 1_000_003 + steps.long())[:, None] + col[None, :])
     mant = (key >> 40) & ((1 << 24) - 1)
-    return (mant.float() + 0.5) / float(1 << 24)
+    return ((mant.float() + 0.5) / float(1 << 24)).clamp(max=_BELOW_ONE)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,

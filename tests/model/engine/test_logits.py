@@ -150,3 +150,20 @@ def test_batched_constraint_hooks_serve_a_whole_step(tiny_model):
     assert [o.token_ids for o in outs[:2]] == labels[:2] and all(o.finish_reason == "stop" for o in outs[:2])
     assert outs[2].finish_reason == "error" and "refused" in outs[2].error
     assert calls["fill"] == calls["advance"] >= 1
+
+
+def test_sampling_never_picks_a_masked_token_at_the_top_mantissa():
+    """Seed 3145, step 0, column 3191 draws the largest 24-bit mantissa, which rounded to u = 1.0
+    in float32: Gumbel noise +inf, and +inf + (-inf) = NaN won argmax. Every other column of that
+    row is allowed once: the sampled token must be it, never the masked 3191."""
+    from hymba_batch.model.sampling import sample, uniform_noise
+
+    V, seed, hot = 4096, 3145, 3191
+    seeds, steps = torch.tensor([seed]), torch.tensor([0])
+    assert float(uniform_noise(seeds, steps, V)[0, hot]) < 1.0
+    one = torch.ones(1)
+    for allowed in (0, 17, 4095):
+        logits = torch.full((1, V), float("-inf"))
+        logits[0, allowed] = 0.5
+        got = sample(logits, one, one, torch.zeros(1, dtype=torch.long), seeds, steps)
+        assert int(got) == allowed
