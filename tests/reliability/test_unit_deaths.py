@@ -82,7 +82,9 @@ def test_ray_memory_monitor_kill_is_retried_then_quarantined(tiny_checkpoint, tm
                            "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
-    (line,) = [ln for ln in proc.stdout.splitlines() if victim in ln]
+    lines = [ln for ln in proc.stdout.splitlines() if victim in ln]
+    assert len(lines) == 1, f"stdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}"
+    line = lines[0]
     assert "after 2 tries: actor died: OutOfMemoryError: " in line, line
     doc = status(str(out))
     (failed,) = doc["failed_units"]
