@@ -13,6 +13,11 @@ pinned); ``add_request(suffix, params, prefix=pid)`` is the request ``ids + suff
 starts as a fork of the prefix's, so only ``suffix`` is prefilled; ``release_prefix(pid)`` lets
 the prefix go once the requests already added have forked from it. A prefix may itself start
 from another (``add_prefix(ids, parent=pid)``): n samples of a prompt under a job-wide prefix.
+
+Host and device overlap (``EngineConfig.overlap``): a step ends once its work is queued; its
+sampled tokens are read at the start of the next ``step``, after that step's own work is queued
+when it does not depend on them (see ``step``). A request's results therefore come back one
+``step`` call later than the step that made them; ``stream`` and ``generate`` hide this.
 """
 
 from __future__ import annotations
