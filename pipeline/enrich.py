@@ -83,6 +83,58 @@ def label_tokens(codec: "Codec", label: str, chat: bool) -> list[int]:
 GenerateWithOptions = Callable[[list[list[int]], list[int], list[RequestOptions]], list["Generation"]]
 
 
+class RowRequests:
+    """A reader's per-row request options (an OpenAI Batch line's own ``max_new_tokens``,
+    ``temperature``, ``stop`` and JSON schema) as engine requests, and each row's text fixed up
+    after generation. A schema is compiled once per distinct schema (per actor)."""
+
+    def __init__(self, codec: "Codec", vocab_size: int) -> None:
+        self.codec, self.vocab_size = codec, vocab_size
+        self._grammars: dict[str, Any] = {}  # schema text -> JsonGrammar, or the error it raised
+
+    def options(self, o: dict[str, Any]) -> RequestOptions:
+        """The request of one row's options; ValueError naming the field it cannot serve."""
+        parts: list[Any] = []
+        if o.get("json_schema"):
+            grammar = self._grammar(o["json_schema"])
+            parts.append(grammar.constraint())
+        stops = self.stops(o)
+        if stops:
+            parts.append(StopStrings(stops, self.codec.decode_fragment))
+        constraint = None if not parts else parts[0] if len(parts) == 1 else AllOf(parts)
+        return RequestOptions(constraint=constraint, max_new_tokens=o.get("max_new_tokens"),
+                              temperature=o.get("temperature"))
+
+    def _grammar(self, schema: str) -> Any:
+        from .grammar import JsonGrammar  # llguidance: only for rows with a schema
+        from .structured import SchemaError
+
+        got = self._grammars.get(schema)
+        if got is None:
+            try:
+                got = JsonGrammar(json.loads(schema), self.codec.tok, self.vocab_size,
+                                  where="body.response_format.json_schema.schema")
+            except SchemaError as e:
+                got = ValueError(str(e))
+            self._grammars[schema] = got
+        if isinstance(got, ValueError):
+            raise got
+        return got
+
+    @staticmethod
+    def stops(o: dict[str, Any]) -> tuple[str, ...]:
+        return tuple(json.loads(o["stop"])) if o.get("stop") else ()
+
+    def finish(self, text: str, finish_reason: str, o: dict[str, Any]) -> tuple[str, str]:
+        """The row's text cut before its first stop string (``finish_reason`` ``stop`` then)."""
+        stops = self.stops(o)
+        if stops:
+            text, hit = cut_at_stop(text, stops)
+            if hit:
+                finish_reason = "stop"
+        return text, finish_reason
+
+
 class Enricher:
     """Builds one unit's requests and its extra columns (one per actor: the grammar is compiled once)."""
 

@@ -6,9 +6,11 @@ Input (``input.format: openai_batch``): one request per line, ``{"custom_id", "m
 object, has no string ``custom_id``, or repeats one, stops the job with an error naming the file
 and line(s) (no output line could carry it). A request the job cannot serve (no messages, a
 role or content it does not know, an endpoint other than chat completions, or a feature this
-build does not have yet: ``response_format`` other than text, ``stop``, ``n`` > 1) is that row's
-error. Each row carries ``custom_id``, the messages (JSON text, formatted with the checkpoint's
-chat template by the prompt builder) and the per-row sampling overrides.
+build does not have yet: ``response_format`` ``json_object``, ``n`` > 1) is that row's error.
+Each row carries ``custom_id``, the messages (JSON text, formatted with the checkpoint's chat
+template by the prompt builder) and the per-row request options: ``max_tokens``,
+``temperature``, ``stop`` (up to 4 strings) and a ``json_schema`` response format (decoding
+constrained by the schema, enrich.RowRequests).
 
 Output (``output.format: openai_batch``): the run's unit files are staged in
 ``_hymba/parts/``; publishing writes ``output.jsonl`` (one line per request, input order, the
@@ -42,6 +44,8 @@ BATCH_SCHEMA = pa.schema([
     (MESSAGES_COLUMN, pa.string()),
     ("_hymba_max_new_tokens", pa.int64()),
     ("_hymba_temperature", pa.float64()),
+    ("_hymba_stop", pa.string()),         # JSON list of the request's stop strings
+    ("_hymba_json_schema", pa.string()),  # its response_format JSON schema, as JSON text
 ])
 CHAT_URL = "/v1/chat/completions"
 ROLES = {"system", "developer", "user", "assistant"}
@@ -107,12 +111,8 @@ def parse_request(obj: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"body.messages[{i}].role: one of {sorted(ROLES)} is required")
         role = "system" if m["role"] == "developer" else m["role"]
         messages.append({"role": role, "content": _content(m.get("content"), i)})
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise ValueError(f"body.response_format {json.dumps(rf)[:80]} is not supported yet by this "
-                         f"hymba-batch build (only {{\"type\": \"text\"}})")
-    if body.get("stop") not in (None, [], ""):
-        raise ValueError("body.stop is not supported yet by this hymba-batch build")
+    schema = _json_schema(body.get("response_format"))
+    stops = _stops(body.get("stop"))
     if body.get("n", 1) != 1:
         raise ValueError(f"body.n={body.get('n')!r} is not supported yet by this hymba-batch build (only n=1)")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -125,7 +125,32 @@ def parse_request(obj: dict[str, Any]) -> dict[str, Any]:
     model = body.get("model")
     return {"custom_id": obj["custom_id"], "model": model if isinstance(model, str) else None,
             MESSAGES_COLUMN: json.dumps(messages), "_hymba_max_new_tokens": max_tokens,
-            "_hymba_temperature": None if temp is None else float(temp)}
+            "_hymba_temperature": None if temp is None else float(temp),
+            "_hymba_stop": None if stops is None else json.dumps(stops),
+            "_hymba_json_schema": None if schema is None else json.dumps(schema)}
+
+
+def _json_schema(rf: Any) -> dict[str, Any] | None:
+    """The schema of ``response_format`` (None for text); ValueError for what is not served."""
+    if rf is None or (isinstance(rf, dict) and rf.get("type") == "text"):
+        return None
+    if not isinstance(rf, dict) or rf.get("type") != "json_schema":
+        raise ValueError(f"body.response_format {json.dumps(rf)[:80]} is not supported yet by this hymba-batch "
+                         f"build (only {{\"type\": \"text\"}} and {{\"type\": \"json_schema\", ...}})")
+    js = rf.get("json_schema")
+    if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+        raise ValueError("body.response_format.json_schema.schema: a JSON schema object is required")
+    return js["schema"]
+
+
+def _stops(stop: Any) -> list[str] | None:
+    """``stop`` as a list of 1 to 4 strings (None when absent); ValueError otherwise."""
+    if stop in (None, [], ""):
+        return None
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > 4 or any(not isinstance(x, str) or not x for x in stops):
+        raise ValueError(f"body.stop {json.dumps(stop)[:80]}: a non-empty string or a list of up to 4 is required")
+    return stops
 
 
 def read_batch_unit(unit: WorkUnit) -> pa.Table:

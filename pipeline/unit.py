@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pyarrow as pa
 
-from .enrich import EnrichConfig, Enricher, RequestOptions
+from .enrich import EnrichConfig, Enricher, RequestOptions, RowRequests
 from .fs import exists, resolve
 from .longdoc import MapReduce
 from .prompts import Prompt, PromptBuilder, PromptConfig, row_seed
@@ -76,11 +76,12 @@ class Generation:
 
 
 # prompts, per-row seeds[, per-request enrich.RequestOptions] -> one Generation per prompt, in order.
-# A reader that carries per-row sampling (OpenAI Batch requests) gives each request its own
-# RequestOptions (``max_new_tokens``, ``temperature``).
+# A reader that carries per-row options (OpenAI Batch requests) gives each request its own
+# RequestOptions (``max_new_tokens``, ``temperature``, a constraint for ``stop`` / a JSON schema).
 GenerateFn = Callable[..., list[Generation]]
 # per-row sampling override columns a reader may add (dropped before the output is built)
-OVERRIDE_COLUMNS = {"_hymba_max_new_tokens": "max_new_tokens", "_hymba_temperature": "temperature"}
+OVERRIDE_COLUMNS = {"_hymba_max_new_tokens": "max_new_tokens", "_hymba_temperature": "temperature",
+                    "_hymba_stop": "stop", "_hymba_json_schema": "json_schema"}
 
 
 @dataclass
@@ -120,6 +121,7 @@ class UnitRunner:
         self.prompts = PromptBuilder(prompt_cfg, codec, engine_limit)
         self.enricher = (Enricher(enrich, codec, vocab_size or len(codec.tok), sampling.max_new_tokens,
                                   chat=prompt_cfg.chat) if enrich is not None and enrich.active else None)
+        self.row_requests = RowRequests(codec, vocab_size or len(codec.tok))  # a reader's per-row options
         self.prompt_cfg, self.output, self.sampling = prompt_cfg, output, sampling
         self.codec, self.generate, self.before_write = codec, generate, before_write
         self.generate_stats = generate_stats  # engine counters after a generate call (into timings)
@@ -146,7 +148,7 @@ class UnitRunner:
         if ROW_ERROR_COLUMN in table.column_names:  # lines the reader could not parse
             row_errors = table.column(ROW_ERROR_COLUMN).to_pylist()
             table = table.drop_columns([ROW_ERROR_COLUMN])
-        overrides = self._overrides(unit, table, row_errors)
+        overrides, row_opts = self._overrides(unit, table, row_errors)
         if overrides is not None:
             table = table.drop_columns([c for c in OVERRIDE_COLUMNS if c in table.column_names])
         cfg = self.prompt_cfg
@@ -182,7 +184,7 @@ class UnitRunner:
             elif self.enricher is not None:
                 gens = self.enricher.run(self.generate, todo_prompts, seeds)  # type: ignore[arg-type]
             elif overrides is not None:
-                gens = self.generate(todo_prompts, seeds, [RequestOptions(**overrides[i]) for i in todo])
+                gens = self.generate(todo_prompts, seeds, [row_opts[i] for i in todo])
             else:
                 gens = self.generate(todo_prompts, seeds)
         if len(gens) != len(todo):
@@ -199,6 +201,9 @@ class UnitRunner:
             else:
                 r.generated_text = self.codec.decode(g.token_ids)
                 r.finish_reason, r.completion_tokens, r.error = g.finish_reason, len(g.token_ids), None
+                if overrides is not None:  # a request's own stop strings
+                    r.generated_text, r.finish_reason = self.row_requests.finish(r.generated_text, r.finish_reason,
+                                                                                 overrides[i])
                 if g.samples is not None:  # task.n > 1: every sample's text; tokens of all of them
                     r.samples = [self.codec.decode(x) for x in g.samples]
                     r.completion_tokens = sum(len(x) for x in g.samples)
@@ -227,19 +232,31 @@ class UnitRunner:
         res.timings["write_s"] = time.perf_counter() - t5
         return res
 
-    def _overrides(self, unit: WorkUnit, table: pa.Table, row_errors: list[str | None]) -> list[dict[str, Any]] | None:
-        """Per-row sampling from the reader's override columns (None when it has none); a
-        request over the job's own limits becomes that row's error."""
+    def _overrides(self, unit: WorkUnit, table: pa.Table, row_errors: list[str | None]
+                   ) -> tuple[list[dict[str, Any]] | None, list[RequestOptions | None]]:
+        """Per-row request options from the reader's override columns (None when it has none),
+        and each row's engine request options; a request over the job's own limits, or whose
+        options cannot be served (a schema that does not compile), becomes that row's error."""
         cols = [c for c in OVERRIDE_COLUMNS if c in table.column_names]
         if not cols:
-            return None
+            return None, []
         values = {c: table.column(c).to_pylist() for c in cols}
         out: list[dict[str, Any]] = []
+        opts: list[RequestOptions | None] = []
         for i in range(table.num_rows):
             o = {OVERRIDE_COLUMNS[c]: values[c][i] for c in cols if values[c][i] is not None}
-            limit = self.sampling.max_new_tokens
-            if o.get("max_new_tokens", 0) > limit and row_errors[i] is None:
-                row_errors[i] = (f"{unit.file.uri} row {unit.row_start + i}: max_tokens {o['max_new_tokens']} "
-                                 f"is over this job's limit of {limit} (task.max_new_tokens)")
             out.append(o)
-        return out
+            opts.append(None)
+            if row_errors[i] is not None:
+                continue
+            where = f"{unit.file.uri} row {unit.row_start + i}"
+            limit = self.sampling.max_new_tokens
+            if o.get("max_new_tokens", 0) > limit:
+                row_errors[i] = (f"{where}: max_tokens {o['max_new_tokens']} is over this job's limit of {limit} "
+                                 "(task.max_new_tokens)")
+                continue
+            try:
+                opts[i] = self.row_requests.options(o)
+            except ValueError as e:
+                row_errors[i] = f"{where}: {e}"
+        return out, opts

@@ -1,6 +1,7 @@
 """OpenAI Batch files: request JSONL in, the Batch API's output JSONL out (local and S3),
-per-request max_tokens, the per-row errors for what this build cannot serve yet, and the
-clear errors for a line without custom_id and for duplicate custom_ids."""
+per-request max_tokens, stop strings and JSON-schema response formats (through the real engine),
+the per-row errors for what this build cannot serve yet, and the clear errors for a line without
+custom_id and for duplicate custom_ids."""
 
 import json
 
@@ -62,8 +63,8 @@ def test_batch_round_trip(tmp_path, tokenizer_dir, where, request) -> None:
     assert short["usage"]["completion_tokens"] == 2 and short["choices"][0]["finish_reason"] == "length"
     assert by_id["c"]["response"]["status_code"] == 200 and by_id["g"]["response"]["status_code"] == 200
     assert by_id["j"]["response"]["status_code"] == 200
-    for cid, words in (("d", "response_format"), ("e", "body.stop"), ("f", "body.n=2"), ("h", "max_tokens 500"),
-                       ("i", "role")):
+    assert by_id["e"]["response"]["status_code"] == 200  # a request's own stop strings are served
+    for cid, words in (("d", "response_format"), ("f", "body.n=2"), ("h", "max_tokens 500"), ("i", "role")):
         r = by_id[cid]["response"]
         assert r["status_code"] == 400, cid
         assert words in r["body"]["error"]["message"] and "batch.jsonl " in r["body"]["error"]["message"], cid
@@ -121,3 +122,61 @@ def test_cli_refuses_duplicate_custom_ids_with_exit_2(tmp_path, tokenizer_dir, c
     err = capsys.readouterr()
     assert "batch.jsonl line 2: custom_id 'x' is used again" in err.err + err.out
     assert "Traceback" not in err.err
+
+
+SCHEMA = {"type": "object", "properties": {"mood": {"enum": ["calm", "tense"]},
+                                           "score": {"type": "integer", "minimum": 0, "maximum": 9},
+                                           "ok": {"type": "boolean"}},
+          "required": ["mood", "score", "ok"]}
+
+
+def test_request_stop_and_json_schema_through_the_engine(tmp_path, tokenizer_dir, tiny_checkpoint) -> None:
+    """Each request's own response_format schema and stop strings, decoded by the real engine
+    (tiny random checkpoint, sampled): every schema row is valid JSON of its schema; a stop row's
+    text is cut before its stop string; a schema that cannot compile is only its row's error."""
+    import jsonschema
+
+    from hymba_batch.jobs.driver import actor_config
+    from hymba_batch.model import load_model
+    from hymba_batch.model.engine import Engine
+    from hymba_batch.workers.actor import generations, request_params
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "m", "strict": True, "schema": SCHEMA}}
+    free = [req(f"s{i}", temperature=1.0) for i in range(6)]
+    lines = [req(f"j{i}", temperature=1.0, response_format=fmt) for i in range(6)] + free
+    lines.append(req("bad", response_format={"type": "json_schema", "json_schema": {"schema": {"type": "frob"}}}))
+    def spec(inp, out):
+        return spec_for(tokenizer_dir, str(inp), str(out), input={"format": "openai_batch", "rows_per_unit": 4},
+                        output={"format": "openai_batch"}, task={"max_new_tokens": 40})
+
+    free_spec = spec(write_jsonl(tmp_path / "a.jsonl", free), tmp_path / "free")
+    sampling = actor_config(free_spec, "cpu", 1, "openai_batch").sampling
+    engine = Engine(load_model(tiny_checkpoint))
+
+    def generate(prompts, seeds, options=None):
+        return generations(engine.generate(prompts, request_params(sampling, seeds, options, engine.eos)))
+
+    run_local(free_spec, tokenizer_dir, generate=generate)  # without stops: what the free rows write
+    texts = {}
+    for ln in (tmp_path / "free" / "output.jsonl").read_text().splitlines():
+        d = json.loads(ln)
+        texts[d["custom_id"]] = d["response"]["body"]["choices"][0]["message"]["content"]
+    for i, line in enumerate(lines[6:12]):  # stop at a piece of the text each writes without it
+        t = texts[line["custom_id"]]
+        line["body"]["stop"] = [t[len(t) // 2:len(t) // 2 + 2]] if len(t) >= 4 else ["\u0000"]
+    m = run_local(spec(write_jsonl(tmp_path / "b.jsonl", lines), tmp_path / "out"), tokenizer_dir, generate=generate)
+    assert m["committed_rows"] == len(lines)
+    by_id = {json.loads(ln)["custom_id"]: json.loads(ln) for ln in (tmp_path / "out" / "output.jsonl").read_text().splitlines()}
+    for i in range(6):
+        choice = by_id[f"j{i}"]["response"]["body"]["choices"][0]
+        assert choice["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(choice["message"]["content"]), SCHEMA)
+    cut = 0
+    for line in lines[6:12]:
+        choice = by_id[line["custom_id"]]["response"]["body"]["choices"][0]
+        stop, full = line["body"]["stop"][0], texts[line["custom_id"]]
+        assert stop not in choice["message"]["content"] and full.startswith(choice["message"]["content"])
+        cut += choice["finish_reason"] == "stop"
+    assert cut >= 4
+    bad = by_id["bad"]["response"]
+    assert bad["status_code"] == 400 and "body.response_format.json_schema.schema" in bad["body"]["error"]["message"]
