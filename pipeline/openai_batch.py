@@ -6,11 +6,11 @@ Input (``input.format: openai_batch``): one request per line, ``{"custom_id", "m
 object, has no string ``custom_id``, or repeats one, stops the job with an error naming the file
 and line(s) (no output line could carry it). A request the job cannot serve (no messages, a
 role or content it does not know, an endpoint other than chat completions, or a feature this
-build does not have yet: ``response_format`` ``json_object``, ``n`` > 1) is that row's error.
-Each row carries ``custom_id``, the messages (JSON text, formatted with the checkpoint's chat
-template by the prompt builder) and the per-row request options: ``max_tokens``,
-``temperature``, ``stop`` (up to 4 strings) and a ``json_schema`` response format (decoding
-constrained by the schema, enrich.RowRequests).
+build does not have yet: ``n`` > 1) is that row's error. Each row carries ``custom_id``, the
+messages (JSON text, formatted with the checkpoint's chat template by the prompt builder) and
+the per-row request options: ``max_tokens``, ``temperature``, ``stop`` (up to 4 strings) and a
+``json_schema`` or ``json_object`` response format (decoding constrained by the schema, or to
+any JSON object; enrich.RowRequests).
 
 Output (``output.format: openai_batch``): the run's unit files are staged in
 ``_hymba/parts/``; publishing writes ``output.jsonl`` (one line per request, input order, the
@@ -131,12 +131,15 @@ def parse_request(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def _json_schema(rf: Any) -> dict[str, Any] | None:
-    """The schema of ``response_format`` (None for text); ValueError for what is not served."""
+    """The schema of ``response_format`` (None for text, any object for ``json_object``);
+    ValueError for what is not served."""
     if rf is None or (isinstance(rf, dict) and rf.get("type") == "text"):
         return None
+    if isinstance(rf, dict) and rf.get("type") == "json_object":
+        return {"type": "object"}
     if not isinstance(rf, dict) or rf.get("type") != "json_schema":
-        raise ValueError(f"body.response_format {json.dumps(rf)[:80]} is not supported yet by this hymba-batch "
-                         f"build (only {{\"type\": \"text\"}} and {{\"type\": \"json_schema\", ...}})")
+        raise ValueError(f"body.response_format {json.dumps(rf)[:80]}: the type must be text, json_object or "
+                         "json_schema")
     js = rf.get("json_schema")
     if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
         raise ValueError("body.response_format.json_schema.schema: a JSON schema object is required")
