@@ -83,6 +83,11 @@ def label_tokens(codec: "Codec", label: str, chat: bool) -> list[int]:
 GenerateWithOptions = Callable[[list[list[int]], list[int], list[RequestOptions]], list["Generation"]]
 
 
+def _one(parts: list[Any]) -> Any:
+    """A request's constraints as one constraint (None when there are none)."""
+    return None if not parts else parts[0] if len(parts) == 1 else AllOf(parts)
+
+
 class RowRequests:
     """A reader's per-row request options (an OpenAI Batch line's own ``max_new_tokens``,
     ``temperature``, ``stop`` and JSON schema) as engine requests, and each row's text fixed up
@@ -101,8 +106,7 @@ class RowRequests:
         stops = self.stops(o)
         if stops:
             parts.append(StopStrings(stops, self.codec.decode_fragment))
-        constraint = None if not parts else parts[0] if len(parts) == 1 else AllOf(parts)
-        return RequestOptions(constraint=constraint, max_new_tokens=o.get("max_new_tokens"),
+        return RequestOptions(constraint=_one(parts), max_new_tokens=o.get("max_new_tokens"),
                               temperature=o.get("temperature"))
 
     def _grammar(self, schema: str) -> Any:
@@ -118,7 +122,7 @@ class RowRequests:
                 got = ValueError(str(e))
             self._grammars[schema] = got
         if isinstance(got, ValueError):
-            raise got
+            raise ValueError(str(got))
         return got
 
     @staticmethod
@@ -164,7 +168,7 @@ class Enricher:
             parts.append(self.grammar.constraint())
         if self.cfg.stop:
             parts.append(StopStrings(self.cfg.stop, self.codec.decode_fragment))
-        return None if not parts else parts[0] if len(parts) == 1 else AllOf(parts)
+        return _one(parts)
 
     def run(self, generate: GenerateWithOptions, prompts: list[list[int]], seeds: list[int]) -> list["Generation"]:
         """One Generation per prompt (for classify: the labels' log-likelihoods in ``scores``)."""
