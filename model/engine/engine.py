@@ -220,7 +220,9 @@ class Engine:
         call reads them, and the next step is queued before they are read when it does not need
         them: a decode of the same sequences (``_decode_ahead``) or a prefill after a prefill
         (``_prefill_ahead``). The host's work on one step's tokens then runs while the device
-        computes the next. Outputs are the same either way (tests/model/engine/test_overlap.py)."""
+        computes the next. The tokens are the same either way (tests/model/engine/test_overlap.py); an
+        admission may land one step later, so a row's floats (log-probabilities) can differ in the
+        last bits, as between any two batchings."""
         finished, self._done = self._done, []
         t0 = time.perf_counter()
         prev, self._inflight = self._inflight, None

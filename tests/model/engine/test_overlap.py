@@ -1,5 +1,5 @@
 """The engine's overlap (``EngineConfig.overlap``): a decode queued before the previous step's
-tokens are read gives exactly the outputs of the engine that reads every step's tokens first,
+tokens are read gives the tokens of the engine that reads every step's tokens first,
 with stops mid-decode (stop tokens and a watching constraint), mixed lengths, sampling, logprobs,
 penalties, admissions while decoding and preemptions; and every slot and block comes back.
 CPU, reference kernels, tiny random checkpoint."""
@@ -7,6 +7,7 @@ CPU, reference kernels, tiny random checkpoint."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from engine_testutil import NextResidue
 
@@ -134,3 +135,58 @@ def test_chunked_prefills_queued_ahead_give_the_same_tokens(tiny_model, rand_pro
     assert engine.ahead["prefill"] > 5
     assert got == ref
     _assert_all_free(engine)
+
+
+def test_random_mixes_give_the_same_outputs_with_and_without_overlap(tiny_model, rand_prompts):
+    """Seeded random mixes of everything a request may ask, on small pools (admissions while
+    decoding, chunked prefills, preemptions) and shared prefixes: overlapped == step by step."""
+    import random
+
+    vocab = tiny_model.config.vocab_size
+    preempted = 0
+    for trial in range(3):
+        rng = random.Random(trial)
+        prompts = rand_prompts(16, 2, 50, seed=100 + trial)
+        prefix = rand_prompts(1, 20, 20, seed=200 + trial)[0]
+
+        def params():
+            r = random.Random(trial)  # the same draws for both engines (constraints hold state)
+            out = []
+            for i in range(len(prompts)):
+                kind = r.choice(["plain", "sampled", "stop", "mask", "penalty", "logprobs", "min"])
+                n = r.randint(1, 24)
+                out.append(SamplingParams(
+                    max_new_tokens=n, temperature=0.8 if kind in ("sampled", "mask") else 0.0,
+                    seed=i, stop_token_ids=tuple(r.sample(range(3, 300), 40)) if kind == "stop" else (),
+                    constraint=NextResidue(vocab, r.randint(2, 10)) if kind == "mask" else None,
+                    frequency_penalty=0.5 if kind == "penalty" else 0.0, logprobs=kind == "logprobs",
+                    min_new_tokens=min(3, n) if kind == "min" else 0))
+            return out
+
+        cfg = dict(max_num_seqs=rng.choice([3, 5, 8]), max_batch_tokens=rng.choice([32, 64, 256]),
+                   max_chunk_tokens=[None, 9, 9][trial], block_size=16)
+        if trial != 1:  # 4 slots, 10 blocks: preemptions
+            cb = cache_bytes(tiny_model.config, 4, 4)
+            table_row = 4 * (tiny_model.config.max_position_embeddings // 16)
+            cfg.update(max_num_seqs=4, expected_context=16,
+                       memory_budget_bytes=cb.meta + 5 * (cb.slot + table_row) + 11 * 16 * cb.per_global_token)
+        got = {}
+        for overlap in (False, True):
+            engine = Engine(tiny_model, EngineConfig(overlap=overlap, **cfg))
+            pid = engine.add_prefix(prefix)
+            p = params()
+            ids = [engine.add_request(q[1:], p[i], prefix=pid) if i % 3 == 0 else engine.add_request(q, p[i])
+                   for i, q in enumerate(prompts)]
+            engine.release_prefix(pid)
+            outs = {}
+            while engine.has_unfinished():
+                outs.update((o.request_id, (o.token_ids, o.finish_reason, o.logprobs)) for o in engine.step())
+            got[overlap] = [outs[i] for i in ids]
+            _assert_all_free(engine)
+            preempted += engine.scheduler.num_preemptions
+        # tokens and reasons equal; log-probabilities to rounding (an admission may come one step
+        # later with the overlap, and a row's floats follow its batch's size in the last bits)
+        assert [g[:2] for g in got[True]] == [g[:2] for g in got[False]], (trial, cfg)
+        for (_, _, a), (_, _, b) in zip(got[True], got[False]):
+            assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, abs=1e-4)), (trial, cfg)
+    assert preempted > 0
