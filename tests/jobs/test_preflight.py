@@ -203,10 +203,11 @@ def iam_s3(tmp_path_factory):
         boto3.client("s3", **kw).create_bucket(Bucket=bucket)
         iam = boto3.client("iam", **kw)
         iam.create_user(UserName="reader")
-        # moto names HEAD bucket s3:HeadBucket (AWS checks s3:ListBucket for it)
+        # moto names HEAD bucket s3:HeadBucket and, since 5.2.6, a V2 listing s3:ListObjectsV2
+        # (AWS checks s3:ListBucket for both)
         iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps({
             "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Resource": "*", "Action": [
-                "s3:ListBucket", "s3:GetObject", "s3:HeadBucket"]}]}))
+                "s3:ListBucket", "s3:GetObject", "s3:HeadBucket", "s3:ListObjectsV2"]}]}))
         key = iam.create_access_key(UserName="reader")["AccessKey"]
         yield endpoint, bucket, key["AccessKeyId"], key["SecretAccessKey"]
     finally:
