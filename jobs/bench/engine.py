@@ -13,8 +13,10 @@ Workloads (prompts x prompt tokens, new tokens):
   G  2,048 x 128, 512 new       generation, decode-bound
   L  256 x 7,000, 256 new       long documents
 
-Fixed protocol: seeded random prompts, fixed output lengths (EOS ignored), a warm-up run, the
-median of ``--repeats`` timed runs. Prints a table, then one JSON line last.
+Fixed protocol: seeded random prompts, fixed output lengths (EOS ignored), a warm-up run
+(uniform prompts, then a tenth of M: mixed lengths compile kernel variants of their own), the
+median of ``--repeats`` timed runs. ``--sync-too`` reruns each workload with the engine's
+host/device overlap off, in the same process. Prints a table, then one JSON line last.
 """
 
 from __future__ import annotations
