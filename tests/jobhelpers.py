@@ -1,8 +1,24 @@
-"""Input and spec builders shared by the pipeline, worker and job tests (not fixtures)."""
+"""Input and spec builders shared by the pipeline, worker and job tests (not fixtures), and free
+ports for the tests that start servers."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports: every socket is held until all are bound (taken one at a
+    time, the kernel may hand out a port it just gave, and Ray refuses two components on one)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
 
 def write_articles(folder: Path, files: int = 3, rows: int = 8, row_group_size: int = 4) -> int:
     """Small Parquet inputs: ``files`` files of ``rows`` short articles; returns the row count."""

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from jobhelpers import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 USAGE = REPO / "docs" / "USAGE-jobs.md"
@@ -57,12 +57,6 @@ print(f"stopped {len(procs)} process(es) of this head")
 def bash_blocks(text: str) -> list[str]:
     """The ```bash fenced blocks of a Markdown text, in order."""
     return re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fresh_copy(dest: Path) -> None:
@@ -110,9 +104,9 @@ def test_usage_doc_runs_as_written(tmp_path) -> None:
     home.mkdir()
     stop_py = tmp_path / "stop_head.py"
     stop_py.write_text(STOP_HEAD)
-    ports = {k: _free_port() for k in ("dashboard", "moto", "port", "ray-client-server-port", "node-manager-port",
-                                       "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
-                                       "dashboard-agent-grpc-port", "runtime-env-agent-port")}
+    names = ("dashboard", "moto", "port", "ray-client-server-port", "node-manager-port", "object-manager-port",
+             "metrics-export-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")
+    ports = dict(zip(names, free_ports(len(names))))
     script = tmp_path / "usage.sh"
     script.write_text(_script(blocks, ports, stop_py))
     drop = {"RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "HYMBA_MODEL", "INPUT_URI",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,19 +26,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobhelpers import job_dict, write_articles
+from jobhelpers import free_ports, job_dict, write_articles
 from hymba_batch.jobs.cli import main
 from hymba_batch.jobs.spec import parse_spec
 from hymba_batch.jobs.submit import plan_submission, window_id
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(what: str, check, timeout: float, every: float = 0.25):
@@ -101,10 +94,10 @@ def token_head(tmp_path_factory):
 
 def _ray_head(env_extra: dict[str, str]):
     temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    dash = _free_port()
-    ports = {f"--{k}": str(_free_port()) for k in (
-        "port", "ray-client-server-port", "node-manager-port", "object-manager-port", "metrics-export-port",
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")}
+    names = ("port", "ray-client-server-port", "node-manager-port", "object-manager-port", "metrics-export-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")
+    dash, *picked = free_ports(1 + len(names))
+    ports = {f"--{k}": str(p) for k, p in zip(names, picked)}
     env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
                **env_extra)
     env.pop("RAY_ADDRESS", None)
