@@ -239,12 +239,7 @@ class Engine:
         batch = self.scheduler.schedule()
         self._take_rejected(finished)
         if batch is not None:
-            self.stats["steps"] += 1
-            self.cache.apply_forks()  # state of the sequences forked from a prefix in this schedule
-            if isinstance(batch, DecodeBatch):
-                kind, launched = "decode_s", self._launch_decode(batch.seqs)
-            else:
-                kind, launched = "prefill_s", self._launch_prefill(batch)
+            kind, launched = self._launch(batch)
             if launched is not None and not self.config.overlap:
                 finished += self._apply(launched)
             else:
@@ -266,23 +261,32 @@ class Engine:
         self._take_rejected(finished)
         if batch is None:
             return False
-        self.stats["steps"] += 1
-        self.cache.apply_forks()
-        self._inflight = self._launch_prefill(batch)
+        _, self._inflight = self._launch(batch)
         return True
 
-    def _launch_decode(self, seqs: list[Sequence]) -> _Launched:
-        dev = self.model.device
-        inputs = to_device([[s.slot for s in seqs], [s.num_cached for s in seqs], [s.last_token for s in seqs]],
-                           torch.long, dev)
-        slot_idx, pos, ids = inputs[0], inputs[1], inputs[2]
+    def _launch(self, batch: PrefillBatch | DecodeBatch) -> tuple[str, _Launched | None]:
+        """Queue a scheduled step: (its stats key, what it samples)."""
+        self.cache.apply_forks()  # state of the sequences forked from a prefix in this schedule
+        if isinstance(batch, DecodeBatch):
+            seqs, dev = batch.seqs, self.model.device
+            slot_idx, pos, ids = to_device([[s.slot for s in seqs], [s.num_cached for s in seqs],
+                                            [s.last_token for s in seqs]], torch.long, dev)
+            logits = self._forward_decode(seqs, slot_idx, pos, ids)
+            return "decode_s", self._launch_sampling(seqs, logits, (slot_idx, pos), _SamplingInputs.of(seqs, dev))
+        return "prefill_s", self._launch_prefill(batch)
+
+    def _forward_decode(self, seqs: list[Sequence], slot_idx: torch.Tensor, pos: torch.Tensor,
+                        ids: torch.Tensor) -> torch.Tensor:
+        """Queue one decode forward of ``seqs``; their next tokens' logits."""
         logits = self.runner.decode(slot_idx, pos, ids)
         for s in seqs:
             s.num_cached += 1
+        self.stats["steps"] += 1
         self.stats["decode_tokens"] += len(seqs)
-        return self._launch_sampling(seqs, logits, (slot_idx, pos), _SamplingInputs.of(seqs, dev))
+        return logits
 
     def _launch_prefill(self, batch: PrefillBatch) -> _Launched | None:
+        self.stats["steps"] += 1
         logits = self.runner.prefill([s.slot for s in batch.seqs], batch.starts, batch.chunks)
         for s, c in zip(batch.seqs, batch.chunks):
             s.num_cached += len(c)
@@ -323,11 +327,7 @@ class Engine:
         pick = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))  # noqa: E731
         slot_idx, pos = (pick(t) for t in prev.decode)
         pos = pos + 1
-        logits = self.runner.decode(slot_idx, pos, pick(prev.tokens))
-        for s in seqs:
-            s.num_cached += 1
-        self.stats["steps"] += 1
-        self.stats["decode_tokens"] += len(seqs)
+        logits = self._forward_decode(seqs, slot_idx, pos, pick(prev.tokens))
         sampling = prev.sampling.select(idx, ahead=1)
         if all(self.logits_processor.passthrough(s, ahead=1) for s in seqs):
             self._inflight = self._launch_sampling(seqs, logits, (slot_idx, pos), sampling)

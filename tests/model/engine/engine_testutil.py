@@ -1,8 +1,19 @@
-"""Helpers for the engine tests: a masking constraint whose mask depends on the last token."""
+"""Helpers for the engine tests: a masking constraint whose mask depends on the last token, and
+the check that an engine has given every slot and block back."""
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def assert_all_free(engine) -> None:  # noqa: ANN001 - an Engine
+    """Nothing runs, and every slot, block and block reference is back (the scratch ones aside)."""
+    c = engine.cache
+    assert not engine.scheduler.running and not engine.has_unfinished()
+    assert sorted(c.free_blocks) == sorted(set(range(c.shape.num_blocks)) - {c.scratch_block})
+    assert len(c.free_slots) == c.shape.num_slots - 1
+    assert [r for b, r in enumerate(c.refs) if b != c.scratch_block] == [0] * (c.shape.num_blocks - 1)
+    assert not c.blocks_of
 
 
 class NextResidue:

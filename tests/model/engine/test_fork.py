@@ -4,6 +4,7 @@ prefilled whole; blocks shared by reference count all come back; preemption of f
 requests changes nothing; forked samples equal independently prefilled ones."""
 
 import pytest
+from engine_testutil import assert_all_free
 
 from hymba_batch.model.costs import cache_bytes
 from hymba_batch.model.engine import Engine, EngineConfig, SamplingParams
@@ -11,14 +12,6 @@ from hymba_batch.model.engine import Engine, EngineConfig, SamplingParams
 
 def _greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, ignore_eos=True)
-
-
-def _assert_all_free(engine: Engine) -> None:
-    c = engine.cache
-    assert sorted(c.free_blocks) == sorted(set(range(c.shape.num_blocks)) - {c.scratch_block})
-    assert len(c.free_slots) == c.shape.num_slots - 1
-    assert [r for b, r in enumerate(c.refs) if b != c.scratch_block] == [0] * (c.shape.num_blocks - 1)
-    assert not c.blocks_of
 
 
 @pytest.mark.parametrize("prefix_len", [37, 16, 5])  # past the window, not a block multiple; one block; short
@@ -44,7 +37,7 @@ def test_shared_prefix_equals_whole_prompts_in_a_mixed_batch(tiny_model, rand_pr
     assert [outs[i].prompt_tokens for i in order] == [len(p) for p in full]
     assert engine.scheduler.forked_tokens == 5 * prefix_len  # each forked request skipped the prefix
     assert engine.stats["prefill_tokens"] == prefix_len + sum(map(len, suffixes)) + sum(map(len, others))
-    _assert_all_free(engine)
+    assert_all_free(engine)
 
 
 def test_forks_share_full_blocks_and_copy_the_partial_one(tiny_model, rand_prompts):
@@ -68,7 +61,7 @@ def test_forks_share_full_blocks_and_copy_the_partial_one(tiny_model, rand_promp
     assert p.slot is None and [engine.cache.refs[b] for b in shared[:2]] == [2, 2]
     while engine.has_unfinished():
         engine.step()
-    _assert_all_free(engine)
+    assert_all_free(engine)
 
 
 def test_requests_wait_for_a_prefix_being_prefilled_in_chunks(tiny_model, rand_prompts):
@@ -81,7 +74,7 @@ def test_requests_wait_for_a_prefix_being_prefilled_in_chunks(tiny_model, rand_p
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
     assert engine.scheduler.forked_tokens == 4 * 45
     engine.release_prefix(pid)
-    _assert_all_free(engine)
+    assert_all_free(engine)
 
 
 def test_preempted_forks_give_the_same_tokens(tiny_model, rand_prompts):
@@ -102,7 +95,7 @@ def test_preempted_forks_give_the_same_tokens(tiny_model, rand_prompts):
         outs.update((o.request_id, o.token_ids) for o in engine.step())
     assert engine.scheduler.num_preemptions > 0 and engine.scheduler.forked_tokens >= 21 * 8
     assert [outs[i] for i in ids] == ref
-    _assert_all_free(engine)
+    assert_all_free(engine)
 
 
 def test_forked_samples_equal_independently_prefilled_ones(tiny_model, rand_prompts):
@@ -125,7 +118,7 @@ def test_forked_samples_equal_independently_prefilled_ones(tiny_model, rand_prom
     assert [outs[i] for i in ids] == alone
     assert len(set(map(tuple, alone))) > 1  # the seeds do matter
     assert engine.stats["prefill_tokens"] == len(job) + len(row) - 1 + 4
-    _assert_all_free(engine)
+    assert_all_free(engine)
 
 
 def test_prefix_errors(tiny_model):
@@ -142,7 +135,7 @@ def test_prefix_errors(tiny_model):
         engine.add_request([3], prefix=pid)
     while engine.has_unfinished():
         engine.step()
-    _assert_all_free(engine)
+    assert_all_free(engine)
 
 
 @pytest.mark.parametrize("max_num_seqs", [3, 9])  # 3: no slot for row prefixes beside the job's
@@ -165,7 +158,7 @@ def test_many_forked_prompts_under_few_slots_finish_with_the_same_tokens(tiny_mo
     assert [outs[i] for i in ids] == [o.token_ids for o in ref]
     assert len(engine.scheduler.pinned) == 1  # the job's prefix, still owned
     engine.release_prefix(jp)
-    _assert_all_free(engine)
+    assert_all_free(engine)
 
 
 def test_a_prefix_freed_by_its_last_fork_is_not_reused_before_the_fork_copies_it(tiny_model, rand_prompts):
@@ -184,4 +177,4 @@ def test_a_prefix_freed_by_its_last_fork_is_not_reused_before_the_fork_copies_it
     while engine.has_unfinished():
         outs.update((o.request_id, o.token_ids) for o in engine.step())
     assert [outs[i] for i in ids] == [o.token_ids for o in ref]
-    _assert_all_free(engine)
+    assert_all_free(engine)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine_testutil import NextResidue
+from engine_testutil import NextResidue, assert_all_free
 
 from hymba_batch.model.costs import cache_bytes
 from hymba_batch.model.engine import Engine, EngineConfig, SamplingParams
@@ -33,13 +33,6 @@ def _run(model, prompts, params, **cfg):
     return [(o.token_ids, o.finish_reason, o.logprobs) for o in outs], engine, engine.ahead["decode"]
 
 
-def _assert_all_free(engine: Engine) -> None:
-    c = engine.cache
-    assert len(c.free_slots) == c.shape.num_slots - 1
-    assert sorted(c.free_blocks) == sorted(set(range(c.shape.num_blocks)) - {c.scratch_block})
-    assert not engine.scheduler.running and not engine.has_unfinished()
-
-
 def _stopping_tokens(model, prompts) -> tuple[int, ...]:
     """Tokens the greedy outputs reach mid-way, so that stop tokens end some requests early."""
     free, _, _ = _run(model, prompts, SamplingParams(max_new_tokens=12, ignore_eos=True), overlap=False)
@@ -59,7 +52,7 @@ def test_overlap_gives_the_same_outputs_as_reading_every_step(tiny_model, rand_p
     assert none_ahead == 0 and ahead > 10
     assert [r for _, r, _ in ref].count("stop") >= 2 and [r for _, r, _ in ref].count("length") >= 2
     assert got == ref
-    _assert_all_free(engine)
+    assert_all_free(engine)
 
 
 class _StopAfter:
@@ -91,7 +84,7 @@ def test_a_watching_constraint_stops_the_same_token_with_overlap(tiny_model, ran
     got, engine, ahead = _run(tiny_model, prompts, params())
     assert ahead > 0 and all(r == "stop" for _, r, _ in got)
     assert got == ref
-    _assert_all_free(engine)
+    assert_all_free(engine)
 
 
 def test_masks_that_need_the_last_token_are_filled_after_it_is_read(tiny_model, rand_prompts):
@@ -109,7 +102,7 @@ def test_masks_that_need_the_last_token_are_filled_after_it_is_read(tiny_model, 
     for toks, _, _ in got:
         assert all(b % 5 == (a + 1) % 5 for a, b in zip(toks, toks[1:]))
     assert got == ref
-    _assert_all_free(engine)
+    assert_all_free(engine)
 
 
 def test_overlap_under_preemption_gives_the_same_tokens(tiny_model, rand_prompts):
@@ -123,7 +116,7 @@ def test_overlap_under_preemption_gives_the_same_tokens(tiny_model, rand_prompts
     got, engine, ahead = _run(tiny_model, prompts, params, **cfg)
     assert ahead > 0 and engine.scheduler.num_preemptions > 0
     assert got == ref
-    _assert_all_free(engine)
+    assert_all_free(engine)
 
 
 def test_chunked_prefills_queued_ahead_give_the_same_tokens(tiny_model, rand_prompts):
@@ -134,7 +127,7 @@ def test_chunked_prefills_queued_ahead_give_the_same_tokens(tiny_model, rand_pro
     got, engine, _ = _run(tiny_model, prompts, params, **cfg)
     assert engine.ahead["prefill"] > 5
     assert got == ref
-    _assert_all_free(engine)
+    assert_all_free(engine)
 
 
 def test_random_mixes_give_the_same_outputs_with_and_without_overlap(tiny_model, rand_prompts):
@@ -182,7 +175,7 @@ def test_random_mixes_give_the_same_outputs_with_and_without_overlap(tiny_model,
             while engine.has_unfinished():
                 outs.update((o.request_id, (o.token_ids, o.finish_reason, o.logprobs)) for o in engine.step())
             got[overlap] = [outs[i] for i in ids]
-            _assert_all_free(engine)
+            assert_all_free(engine)
             preempted += engine.scheduler.num_preemptions
         # tokens and reasons equal; log-probabilities to rounding (an admission may come one step
         # later with the overlap, and a row's floats follow its batch's size in the last bits)
