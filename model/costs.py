@@ -84,7 +84,9 @@ class CacheBytes:
         return self.slot + self.per_global_token * context
 
 
-def cache_bytes(cfg: HymbaConfig, dtype_bytes: int = 2, ssm_bytes: int = 4) -> CacheBytes:
+def cache_bytes(cfg: HymbaConfig, dtype_bytes: int = 2, ssm_bytes: int | None = None) -> CacheBytes:
+    """``ssm_bytes`` None: the SSM state in the K/V dtype (the engine's default)."""
+    ssm_bytes = dtype_bytes if ssm_bytes is None else ssm_bytes
     n, E, N, K = cfg.num_hidden_layers, cfg.d_inner, cfg.mamba_d_state, cfg.mamba_d_conv
     kv_tok = cfg.num_key_value_heads * (cfg.head_dim + cfg.v_head_dim) * dtype_bytes
     producers = cfg.producers

@@ -5,7 +5,8 @@
 - sliding-window producers: K/V in a fixed per-slot ring of ``window + 1`` entries (the current
   token is written before it attends, so a query sees itself and the ``window`` tokens before);
 - global producers: K/V in paged blocks (one block table per slot, shared by those layers);
-- conv + SSM state: one fixed slot per sequence (SSM in fp32 by default);
+- conv + SSM state: one fixed slot per sequence (SSM state in the model's dtype by default, as
+  NVIDIA's cache stores it; the scan reads it into fp32 and rounds it back);
 - consumer layers store nothing.
 
 Owns allocation of slots and blocks and the exact byte count (checked against costs.py).
@@ -35,12 +36,11 @@ class CacheShape:
     num_blocks: int
     block_size: int
     dtype: torch.dtype
-    ssm_dtype: torch.dtype = torch.float32
+    ssm_dtype: torch.dtype
 
 
 def plan_cache(cfg: HymbaConfig, budget_bytes: int, max_num_seqs: int, block_size: int,
-               dtype: torch.dtype, ssm_dtype: torch.dtype = torch.float32,
-               expected_context: int = 2048) -> CacheShape:
+               dtype: torch.dtype, ssm_dtype: torch.dtype, expected_context: int = 2048) -> CacheShape:
     """Slots and blocks that fit ``budget_bytes``, sized for ``expected_context`` tokens a sequence."""
     cb = cache_bytes(cfg, _bytes(dtype), _bytes(ssm_dtype))
     block = cb.per_global_token * block_size

@@ -53,7 +53,8 @@ class EngineConfig:
     max_chunk_tokens: int | None = 1024     # one sequence's tokens per prefill step (None: no cap;
                                             # measured: see scheduler.py)
     block_size: int = 64                    # tokens per paged block (global layers)
-    ssm_state_dtype: torch.dtype = torch.float32
+    ssm_state_dtype: torch.dtype | None = None  # SSM state pools; None: the model's dtype, as NVIDIA's
+                                            # cache stores it (the scan computes in fp32 either way)
     expected_context: int = 2048            # tokens a sequence is sized for when planning blocks
     max_waiting: int = 100_000              # queued requests before add_request raises QueueFull
     cpu_budget_bytes: int = 1 << 30         # default cache budget on the CPU
@@ -107,7 +108,7 @@ class Engine:
         self.max_context = cfg.max_position_embeddings - cfg.num_memory_tokens
         budget = self._budget()
         shape = plan_cache(cfg, budget, config.max_num_seqs, config.block_size, model.dtype,
-                           config.ssm_state_dtype, config.expected_context)
+                           config.ssm_state_dtype or model.dtype, config.expected_context)
         self.cache = KVCache(model, shape)
         self.runner = ModelRunner(model, self.cache, config.cuda_graphs)
         self.scheduler = Scheduler(self.cache, config.max_batch_tokens, config.max_chunk_tokens)

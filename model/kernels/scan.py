@@ -51,7 +51,7 @@ def selective_state_update_ref(state, slot_idx, u, delta, A, B, C, D, z, delta_b
     dt = _softplus(delta.float() + delta_bias.float())
     h = state[slot_idx].float()
     h = torch.exp(dt[:, :, None] * A.float()) * h + dt[:, :, None] * B.float()[:, None, :] * uf[:, :, None]
-    state[slot_idx] = h
+    state[slot_idx] = h.to(state.dtype)
     y = (h @ C.float()[:, :, None]).squeeze(-1)
     return ((y + D.float() * uf) * F.silu(z.float())).to(u.dtype)
 

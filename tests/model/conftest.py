@@ -54,3 +54,25 @@ def _rand_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = 32000) -
 @pytest.fixture(scope="session")
 def rand_prompts():
     return _rand_prompts
+
+
+def _teacher_forced(model, prompt: list[int], gen: list[int], **config) -> torch.Tensor:  # noqa: ANN001
+    """Logits [len(gen), V] of the prompt's prefill, then of one decode step per ``gen[:-1]``
+    token, through one engine's runner (``config``: EngineConfig fields)."""
+    from hymba_batch.model.engine import Engine, EngineConfig
+    engine = Engine(model, EngineConfig(**{"max_num_seqs": 2, "memory_budget_bytes": 1 << 28} | config))
+    slot = engine.cache.allocate_slot()
+    engine.cache.reserve_blocks(slot, len(prompt) + len(gen))
+    rows = [engine.runner.prefill([slot], [0], [prompt])[0]]
+    dev = model.device
+    for j, tok in enumerate(gen[:-1]):
+        rows.append(engine.runner.decode(torch.tensor([slot], device=dev), torch.tensor([len(prompt) + j], device=dev),
+                                         torch.tensor([tok], device=dev))[0])
+    return torch.stack(rows).float().cpu()
+
+
+@pytest.fixture(scope="session")
+def teacher_forced():
+    """``teacher_forced(model, prompt, gen, **engine_config)``: logits of the prompt's prefill, then
+    of one decode step per ``gen[:-1]`` token, through one engine's runner."""
+    return _teacher_forced

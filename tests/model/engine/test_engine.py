@@ -174,6 +174,27 @@ def test_cache_bytes_match_costs(tiny_model):
     assert c.nbytes() <= 1 << 24
 
 
+def test_ssm_state_follows_the_model_dtype_and_tracks_the_fp32_reference(shared_dir, golden, teacher_forced):
+    """A bf16 model keeps its SSM state in bf16 (as NVIDIA's cache does) unless asked for fp32; both
+    stay near NVIDIA's fp32 outputs, and the state's dtype is really the one in use."""
+    from hymba_batch.model import load_model
+    gold16 = load_model(shared_dir / "golden" / "tiny-a", dtype=torch.bfloat16)
+    engine = Engine(gold16, EngineConfig(memory_budget_bytes=1 << 24))
+    assert engine.cache.ssm.dtype == torch.bfloat16
+    cb = cache_bytes(gold16.config, dtype_bytes=2)  # the SSM state at the K/V's width by default
+    assert engine.cache.nbytes() == (cb.meta + engine.cache.shape.num_slots * cb.slot + engine.cache.block_table.numel() * 4
+                                     + engine.cache.shape.num_blocks * engine.cache.shape.block_size * cb.per_global_token)
+    assert Engine(gold16, EngineConfig(memory_budget_bytes=1 << 24, ssm_state_dtype=torch.float32)).cache.ssm.dtype == torch.float32
+    i = 5  # 72 prompt tokens, past the window
+    prompt, gen = golden[f"prompt{i}.input_ids"].tolist(), golden[f"prompt{i}.gen_ids"].tolist()
+    ref = golden[f"prompt{i}.uncached_gen_logits"]
+    cols = golden["vocab_columns"]
+    got = {dt: teacher_forced(gold16, prompt, gen, ssm_state_dtype=dt)[:, cols] for dt in (None, torch.float32)}
+    for dt, g in got.items():
+        assert (g - ref).norm() / ref.norm() < 3e-2, dt
+    assert not torch.equal(got[None], got[torch.float32])
+
+
 def test_real_config_costs_match_the_architecture_doc(shared_dir):
     cfg = HymbaConfig.from_json(shared_dir / "hymba-1.5b" / "config.json")
     assert param_count(cfg) == 1_522_797_824

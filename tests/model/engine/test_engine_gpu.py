@@ -33,29 +33,18 @@ def gold16(shared_dir):
     return load_model(shared_dir / "golden" / "tiny-a", device="cuda", dtype=torch.bfloat16)
 
 
-def _teacher_forced(model, prompt, gen):
-    engine = Engine(model, EngineConfig(max_num_seqs=2, memory_budget_bytes=1 << 28))
-    slot = engine.cache.allocate_slot()
-    engine.cache.reserve_blocks(slot, len(prompt) + len(gen))
-    rows = [engine.runner.prefill([slot], [0], [prompt])[0]]
-    dev = model.device
-    for j, tok in enumerate(gen[:-1]):
-        rows.append(engine.runner.decode(torch.tensor([slot], device=dev), torch.tensor([len(prompt) + j], device=dev),
-                                         torch.tensor([tok], device=dev))[0])
-    return torch.stack(rows).cpu()
-
-
 @pytest.mark.parametrize("i", range(6))
-def test_fp32_fast_kernels_match_golden(gold32, golden, i):
+def test_fp32_fast_kernels_match_golden(gold32, golden, teacher_forced, i):
     prompt, gen = golden[f"prompt{i}.input_ids"].tolist(), golden[f"prompt{i}.gen_ids"].tolist()
-    got = _teacher_forced(gold32, prompt, gen)[:, golden["vocab_columns"]]
+    got = teacher_forced(gold32, prompt, gen)[:, golden["vocab_columns"]]
     assert (got - golden[f"prompt{i}.uncached_gen_logits"]).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("i", range(6))
-def test_bf16_engine_vs_fp32_reference(gold16, golden, i):
+@pytest.mark.parametrize("state", [None, torch.float32], ids=["bf16-state", "fp32-state"])
+def test_bf16_engine_vs_fp32_reference(gold16, golden, teacher_forced, i, state):
     prompt, gen = golden[f"prompt{i}.input_ids"].tolist(), golden[f"prompt{i}.gen_ids"].tolist()
-    got = _teacher_forced(gold16, prompt, gen)[:, golden["vocab_columns"]]
+    got = teacher_forced(gold16, prompt, gen, ssm_state_dtype=state)[:, golden["vocab_columns"]]
     ref = golden[f"prompt{i}.uncached_gen_logits"]
     rel = (got - ref).norm() / ref.norm()
     assert rel < 3e-2, rel

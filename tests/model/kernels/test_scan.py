@@ -1,5 +1,6 @@
 """selective_scan_varlen / selective_state_update fast paths (Triton) == their refs, including the
-fp32 state pools (written slots equal the ref's, NaN-filled unused slots untouched)."""
+state pools in fp32 and in bf16, the engine's default for a bf16 model (written slots equal the
+ref's, NaN-filled unused slots untouched)."""
 
 from __future__ import annotations
 
@@ -39,34 +40,38 @@ def scan_inputs(T, E, N, dtype, gen, device, sliced):
     return u, delta, A, B, C, D, z, delta_bias
 
 
-def check_scan_varlen(device, dtype, lengths, E, N, pool, seed, slot_dtype=torch.int64, sliced=True):
+def check_scan_varlen(device, dtype, lengths, E, N, pool, seed, slot_dtype=torch.int64, sliced=True,
+                      state_dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     cu = cu_seqlens(lengths, device)
     T = int(sum(lengths))
     u, delta, A, B, C, D, z, delta_bias = scan_inputs(T, E, N, dtype, gen, device, sliced)
     slots = pick_slots(len(lengths), pool, gen, device, slot_dtype)
-    st0 = state_pool(pool, (E, N), slots, torch.float32, gen, device, scale=0.5)
+    st0 = state_pool(pool, (E, N), slots, state_dtype, gen, device, scale=0.5)
     st_fast, st_ref = st0.clone(), st0.clone()
     args = (u, delta, A, B, C, D, z, delta_bias, cu)
     y_fast = run_fast(scan.selective_scan_varlen, u, *args, st_fast, slots)
     y_ref = run_ref(scan.selective_scan_varlen, *args, st_ref, slots)
     assert_close(y_fast, y_ref, dtype, "scan y")
-    # the state is fp32 whatever the activations: compare it at fp32 tolerance
-    assert_close(st_fast, st_ref, torch.float32, "scan state pool")
+    # the state is stored at its own dtype whatever the activations': compare it at that tolerance
+    assert st_fast.dtype == state_dtype
+    assert_close(st_fast, st_ref, state_dtype, "scan state pool")
     assert not torch.allclose(st_ref[slots.long()], st0[slots.long()])
 
 
-def check_state_update(device, dtype, Bn, E, N, pool, seed, slot_dtype=torch.int64):
+def check_state_update(device, dtype, Bn, E, N, pool, seed, slot_dtype=torch.int64,
+                       state_dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     u, delta, A, B, C, D, z, delta_bias = scan_inputs(Bn, E, N, dtype, gen, device, sliced=False)
     slots = pick_slots(Bn, pool, gen, device, slot_dtype)
-    st0 = state_pool(pool, (E, N), slots, torch.float32, gen, device, scale=0.5)
+    st0 = state_pool(pool, (E, N), slots, state_dtype, gen, device, scale=0.5)
     st_fast, st_ref = st0.clone(), st0.clone()
     args = (u, delta, A, B, C, D, z, delta_bias)
     y_fast = run_fast(scan.selective_state_update, u, st_fast, slots, *args)
     y_ref = run_ref(scan.selective_state_update, st_ref, slots, *args)
     assert_close(y_fast, y_ref, dtype, "state update y")
-    assert_close(st_fast, st_ref, torch.float32, "state update pool")
+    assert st_fast.dtype == state_dtype
+    assert_close(st_fast, st_ref, state_dtype, "state update pool")
 
 
 # ---------------------------------------------------------------- CPU, Triton interpreter
@@ -93,6 +98,17 @@ def test_scan_varlen_interpreter_launch_configs(kernel_device, monkeypatch, cfg)
     check_scan_varlen(kernel_device, torch.float32, [1, 6, 3], E=48, N=16, pool=4, seed=8)
 
 
+def test_scan_varlen_interpreter_bf16_state(kernel_device):
+    # the engine's default pool for a bf16 model: read into fp32, rounded back at the end
+    check_scan_varlen(kernel_device, torch.bfloat16, [3, 11, 1], E=48, N=16, pool=5, seed=10,
+                      state_dtype=torch.bfloat16)
+
+
+def test_state_update_interpreter_bf16_state(kernel_device):
+    check_state_update(kernel_device, torch.bfloat16, Bn=4, E=48, N=16, pool=6, seed=11,
+                       state_dtype=torch.bfloat16)
+
+
 def test_scan_varlen_interpreter_empty_sequence(kernel_device):
     # a zero-length sequence leaves its slot untouched (the ref skips it)
     check_scan_varlen(kernel_device, torch.float32, [4, 0, 3], E=32, N=8, pool=4, seed=9)
@@ -116,17 +132,18 @@ def test_state_update_interpreter_int32_slots(kernel_device):
 def test_scan_varlen_gpu(kernel_device, dtype):
     gen = torch.Generator().manual_seed(0)
     lengths = random_lengths(64, 2048, gen)
-    check_scan_varlen(kernel_device, dtype, lengths, E=3200, N=16, pool=96, seed=1)
+    # the state pool in the activations' dtype, as the engine keeps it by default
+    check_scan_varlen(kernel_device, dtype, lengths, E=3200, N=16, pool=96, seed=1, state_dtype=dtype)
 
 
 @pytest.mark.gpu
 def test_scan_varlen_gpu_many_short(kernel_device):
     gen = torch.Generator().manual_seed(2)
     lengths = random_lengths(512, 5, gen)
-    check_scan_varlen(kernel_device, torch.bfloat16, lengths, E=3200, N=16, pool=600, seed=3)
+    check_scan_varlen(kernel_device, torch.bfloat16, lengths, E=3200, N=16, pool=600, seed=3)  # fp32 pool
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_state_update_gpu(kernel_device, dtype):
-    check_state_update(kernel_device, dtype, Bn=1024, E=3200, N=16, pool=1536, seed=5)
+    check_state_update(kernel_device, dtype, Bn=1024, E=3200, N=16, pool=1536, seed=5, state_dtype=dtype)
