@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from .config import HymbaConfig
 from .kernels.attention import attention_ref
 from .kernels.conv import causal_conv1d_varlen
-from .kernels.rmsnorm import rmsnorm
+from .kernels.gate import silu_mul
+from .kernels.rmsnorm import rmsnorm, rmsnorm_avg
+from .kernels.rope import apply_rope
 from .kernels.scan import selective_scan_varlen
 
 
@@ -62,13 +64,6 @@ def rope_cos_sin(cfg: HymbaConfig, positions: torch.Tensor, dtype: torch.dtype) 
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, d]; rotate-half convention (pairs i, i + d/2)."""
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rot * sin[:, None, :]
 
 
 # ---- the hybrid layer --------------------------------------------------------------------------
@@ -119,7 +114,8 @@ class HymbaMixer(nn.Module):
         A = -torch.exp(self.A_log[0].float())
         y = ops.scan(self.layer, u, dt, A, self.B_layernorm(B), self.C_layernorm(C),
                      self.D[0], z, self.dt_proj[0].bias)
-        return self.out_proj((self.pre_avg_layernorm1(attn) + self.pre_avg_layernorm2(y)) / 2)
+        n1, n2 = self.pre_avg_layernorm1, self.pre_avg_layernorm2
+        return self.out_proj(rmsnorm_avg(attn, n1.weight, y, n2.weight, n1.eps))  # (n1(attn) + n2(y)) / 2
 
 
 class Expert(nn.Module):
@@ -130,7 +126,7 @@ class Expert(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class MoE(nn.Module):

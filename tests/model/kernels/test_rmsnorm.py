@@ -1,4 +1,5 @@
-"""rmsnorm fast path (Triton) == rmsnorm_ref, under the interpreter (CPU) and compiled (gpu)."""
+"""rmsnorm and rmsnorm_avg fast paths (Triton) == their refs, under the interpreter (CPU) and
+compiled (gpu)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,32 @@ def check_rmsnorm(device: str, dtype: torch.dtype, shape: tuple[int, ...], w_dty
         # intermediate rounding changes ~10% of the elements, under the tolerance above.
         frac = (fast != ref).float().mean().item()
         assert frac < 0.01, f"{frac:.2%} of the elements differ from the ref"
+
+
+def check_rmsnorm_avg(device: str, dtype: torch.dtype, M: int, D: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    a = randn((M, D), gen, device, dtype, scale=3.0)
+    b = randn((M, D + 24), gen, device, dtype, scale=0.2)[:, 5:5 + D]  # a column slice, other scale
+    wa = randn((D,), gen, device, dtype, shift=1.0, scale=0.5)
+    wb = randn((D,), gen, device, dtype, shift=1.0, scale=0.5)
+    fast = run_fast(rmsnorm.rmsnorm_avg, a, a, wa, b, wb, 1e-6)
+    ref = run_ref(rmsnorm.rmsnorm_avg, a, wa, b, wb, 1e-6)
+    assert_close(fast, ref, dtype, "rmsnorm_avg")
+    if dtype != torch.float32:  # the ref's roundings (each norm, the sum, the half): rare 1-ulp flips
+        frac = (fast != ref).float().mean().item()
+        assert frac < 0.01, f"{frac:.2%} of the elements differ from the ref"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,D", [(5, 48), (3, 200)])
+def test_rmsnorm_avg_interpreter(kernel_device, dtype, M, D):
+    check_rmsnorm_avg(kernel_device, dtype, M, D, seed=M + D)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rmsnorm_avg_gpu(kernel_device, dtype):
+    check_rmsnorm_avg(kernel_device, dtype, 8192, 3200, seed=1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
