@@ -15,8 +15,9 @@ Workloads (prompts x prompt tokens, new tokens):
 
 Fixed protocol: seeded random prompts, fixed output lengths (EOS ignored), a warm-up run
 (uniform prompts, then a tenth of M: mixed lengths compile kernel variants of their own), the
-median of ``--repeats`` timed runs. ``--sync-too`` reruns each workload with the engine's
-host/device overlap off, in the same process. Prints a table, then one JSON line last.
+median of ``--repeats`` timed runs. ``--variants`` reruns each workload on engines with other
+settings in the same process (e.g. ``overlap=false``: the host/device overlap off;
+``ssm_state_dtype=float32``: the SSM state pools in fp32). Prints a table, then one JSON line last.
 """
 
 from __future__ import annotations
@@ -96,6 +97,19 @@ def measure_ceilings() -> dict:
     return {"matmul_bf16_flops": flops, "copy_bytes_per_s": bw}
 
 
+def engine_overrides(variant: str) -> dict:
+    """'overlap=false,ssm_state_dtype=float32' -> EngineConfig fields (bools, ints, torch dtypes)."""
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    out: dict = {}
+    for kv in filter(None, variant.split(",")):
+        key, _, val = kv.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--variants: {key!r} is not an EngineConfig field ({', '.join(sorted(fields))})")
+        out[key] = (val.lower() == "true" if val.lower() in ("true", "false") else getattr(torch, val)
+                    if key.endswith("dtype") else None if val == "none" else int(val))
+    return out
+
+
 def run_workload(engine: Engine, name: str, prompts: list[list[int]], news: list[int], repeats: int) -> dict:
     params = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in news]
     times = []
@@ -173,11 +187,13 @@ def profile_steps(engine: Engine, out_path: str) -> str:
 def floors(cfg: HymbaConfig, prompts: list[list[int]], news: list[int], seconds: float, ceil: dict,
            slots: int) -> dict:
     """Compute floor (all FLOPs at the measured matmul rate) and bandwidth floor (each decode step
-    reads the weights once and every resident sequence's state + K/V, at the measured copy rate)."""
+    reads the weights once and every resident sequence's state + K/V, at the measured copy rate;
+    the SSM state in bf16, as NVIDIA's cache and our default keep it; the JSON files up to
+    engine-overlap-h200-2026-12-04.json counted it in fp32: a higher floor, so lower ratios)."""
     prefill, decode = lru_cache(None)(lambda p: prefill_flops(cfg, p)), lru_cache(None)(lambda p, m: decode_flops(cfg, p, m))
     flops = sum(prefill(len(p)) + decode(len(p), m) for p, m in zip(prompts, news))
     compute_floor = flops / ceil["matmul_bf16_flops"]
-    cb = cache_bytes(cfg, 2, 4)
+    cb = cache_bytes(cfg, 2)
     n = len(prompts)
     batch = min(n, slots)
     kv_tok = cfg.num_key_value_heads * (cfg.head_dim + cfg.v_head_dim) * 2
@@ -293,8 +309,9 @@ def main() -> None:
                     help="engine's per-sequence chunk cap (0: none; default: the engine's default)")
     ap.add_argument("--chunk-caps", default="", help="comma list: rerun each workload with these per-sequence "
                     "chunk caps (0: none); results named e.g. M@1024")
-    ap.add_argument("--sync-too", action="store_true", help="rerun each workload with EngineConfig.overlap off "
-                    "(results named e.g. G/sync): the host/device overlap's gain in the same run")
+    ap.add_argument("--variants", default="", help="';'-separated EngineConfig overrides, each rerunning every "
+                    "workload on a fresh engine after the default one, e.g. 'overlap=false;ssm_state_dtype=float32' "
+                    "(results named e.g. G/overlap=false): a change's gain in the same run")
     ap.add_argument("--json-out", default="")
     ap.add_argument("--profile", default="", help="write a kernel profile of a prefill and two decode steps here")
     a = ap.parse_args()
@@ -318,49 +335,53 @@ def main() -> None:
 
     if a.workloads:
         model = random_model(cfg, "cuda", torch.bfloat16)
-        ekw = {} if a.max_chunk_tokens is None else {"max_chunk_tokens": a.max_chunk_tokens or None}
-        engine = Engine(model, EngineConfig(max_batch_tokens=a.max_batch_tokens, **ekw))  # else the engine's default
-        result["engine"] = {"slots": engine.cache.shape.num_slots, "blocks": engine.cache.shape.num_blocks,
-                            "cache_gib": engine.cache.nbytes() / 2**30}
-        engine.generate(prompts_for(64, 256, seed=5), SamplingParams(max_new_tokens=16, ignore_eos=True))
-        # kernels compile per shape class: chunked prefills over a cached history appear only with
-        # mixed lengths (a first M run measured 45.7 docs/s against 79.0 in the same run after it)
-        t = time.perf_counter()
-        warm, _ = workload("M", 0.1)
-        engine.generate(warm, SamplingParams(max_new_tokens=8, ignore_eos=True))
-        torch.cuda.synchronize()
-        result["warmup_mixed_s"] = time.perf_counter() - t
-        if a.profile:
-            print(profile_steps(engine, a.profile)[-9000:])
-        default_cap = engine.scheduler.max_chunk_tokens
+        base = {"max_batch_tokens": a.max_batch_tokens}
+        if a.max_chunk_tokens is not None:
+            base["max_chunk_tokens"] = a.max_chunk_tokens or None
+        names = a.workloads.split(",")
         floor_cache: dict[str, dict] = {}
-        runs = [(name, None, True) for name in a.workloads.split(",")]
-        runs += [(name, int(c), True) for name in a.workloads.split(",") for c in a.chunk_caps.split(",") if c]
-        if a.sync_too:  # the same engine reading every step's tokens before the next (EngineConfig.overlap off)
-            runs = [r for name, cap, _ in runs for r in ((name, cap, True), (name, cap, False))]
-        overlap_config = engine.config
-        for name, cap, overlap in runs:
-            prompts, news = workload(name, a.scale)
-            engine.stats.update(prefill_s=0.0, decode_s=0.0, prefill_tokens=0, decode_tokens=0, steps=0)
-            engine.scheduler.max_chunk_tokens = (cap or a.max_batch_tokens) if cap is not None else default_cap
-            engine.config = dataclasses.replace(overlap_config, overlap=overlap)
-            r = run_workload(engine, name, prompts, news, a.repeats)
-            r["max_chunk_tokens"] = engine.scheduler.max_chunk_tokens
-            r["overlap"] = overlap
-            if name not in floor_cache:  # the floors depend on the workload only (ratios: x seconds)
-                floor_cache[name] = floors(cfg, prompts, news, 1.0, ceil, engine.cache.shape.num_slots)
-            f = dict(floor_cache[name])
-            f["ratio_to_compute_floor"] *= r["seconds"]
-            f["ratio_to_bandwidth_floor"] *= r["seconds"]
-            r.update(f)
-            name = (name if cap is None else f"{name}@{cap}") + ("" if overlap else "/sync")
-            r["engine_stats"] = dict(engine.stats)  # summed over the repeats
-            result[name] = r
-            rows.append((name, f"{r['docs_per_s']:.1f} docs/s", f"{r['gen_tok_per_s']:.0f} gen tok/s",
-                         f"{r['prompt_tok_per_s']:.0f} prompt tok/s", f"x{r['ratio_to_compute_floor']:.2f} compute floor",
-                         f"x{r['ratio_to_bandwidth_floor']:.2f} bw floor", f"{r['peak_mem_gib']:.1f} GiB"))
-            print(*rows[-1], sep=" | ", flush=True)
-            dump()
+        engine = None
+        for variant in [""] + [v for v in a.variants.split(";") if v]:
+            engine = None
+            gc.collect()  # the last variant's engine: its CUDA graphs and caches sit in reference cycles
+            torch.cuda.empty_cache()
+            engine = Engine(model, EngineConfig(**base | engine_overrides(variant)))
+            result.setdefault("engine", {})[variant or "default"] = {
+                "slots": engine.cache.shape.num_slots, "blocks": engine.cache.shape.num_blocks,
+                "cache_gib": engine.cache.nbytes() / 2**30}
+            engine.generate(prompts_for(64, 256, seed=5), SamplingParams(max_new_tokens=16, ignore_eos=True))
+            # kernels compile per shape class: chunked prefills over a cached history appear only with
+            # mixed lengths (a first M run measured 45.7 docs/s against 79.0 in the same run after it)
+            t = time.perf_counter()
+            warm, _ = workload("M", 0.1)
+            engine.generate(warm, SamplingParams(max_new_tokens=8, ignore_eos=True))
+            torch.cuda.synchronize()
+            result.setdefault("warmup_mixed_s", {})[variant or "default"] = time.perf_counter() - t
+            if a.profile and not variant:
+                print(profile_steps(engine, a.profile)[-9000:])
+            default_cap = engine.scheduler.max_chunk_tokens
+            runs = [(name, None) for name in names] + [(name, int(c)) for name in names for c in a.chunk_caps.split(",") if c]
+            for name, cap in runs:
+                prompts, news = workload(name, a.scale)
+                engine.stats.update(prefill_s=0.0, decode_s=0.0, prefill_tokens=0, decode_tokens=0, steps=0)
+                engine.scheduler.max_chunk_tokens = (cap or a.max_batch_tokens) if cap is not None else default_cap
+                r = run_workload(engine, name, prompts, news, a.repeats)
+                r["max_chunk_tokens"] = engine.scheduler.max_chunk_tokens
+                r["variant"] = variant or "default"
+                if name not in floor_cache:  # the floors depend on the workload only (ratios: x seconds)
+                    floor_cache[name] = floors(cfg, prompts, news, 1.0, ceil, engine.cache.shape.num_slots)
+                f = dict(floor_cache[name])
+                f["ratio_to_compute_floor"] *= r["seconds"]
+                f["ratio_to_bandwidth_floor"] *= r["seconds"]
+                r.update(f)
+                name = (name if cap is None else f"{name}@{cap}") + (f"/{variant}" if variant else "")
+                r["engine_stats"] = dict(engine.stats)  # summed over the repeats
+                result[name] = r
+                rows.append((name, f"{r['docs_per_s']:.1f} docs/s", f"{r['gen_tok_per_s']:.0f} gen tok/s",
+                             f"{r['prompt_tok_per_s']:.0f} prompt tok/s", f"x{r['ratio_to_compute_floor']:.2f} compute floor",
+                             f"x{r['ratio_to_bandwidth_floor']:.2f} bw floor", f"{r['peak_mem_gib']:.1f} GiB"))
+                print(*rows[-1], sep=" | ", flush=True)
+                dump()
         if a.baselines:
             result["bs1_G"] = bs1_baseline(model, 128, 512)
             rows.append(("bs1 G", f"{result['bs1_G']['gen_tok_per_s']:.1f} gen tok/s"))

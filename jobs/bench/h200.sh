@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The H200 session's benchmark commands, as run through the device tool (one GPU, bf16, random
 # weights of the real config). Results land in $OUT and are committed under jobs/bench/results/.
-#   bash jobs/bench/h200.sh engine     GPU tests of the model, then S, M, G, L, each also with the
-#                                      engine's overlap off (same run), and a step profile
+#   bash jobs/bench/h200.sh engine     GPU tests of the engine and kernels, the fused kernels against
+#                                      the torch ops they replace, then S, M, G, L, each also on an
+#                                      engine with fp32 SSM state (same run), and a step profile
 #   bash jobs/bench/h200.sh baselines  S and G beside transformers generate (the cache that won before)
 #   bash jobs/bench/h200.sh enrich     prefix sharing (engine), the JSON-schema constraint's cost on G,
 #                                      classify rows/s
@@ -21,9 +22,14 @@ fi
 export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 HYMBA_SHARED=$PWD/.devshared
 case "${1:-}" in
   engine)
-    timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/model 2>&1 | tee "$OUT/gpu-tests.log" | tail -5
-    timeout 380 python3 -m hymba_batch.jobs.bench.engine --workloads S,M,G,L --repeats 1 --sync-too \
-      --profile "$OUT/profile.txt" --json-out "$OUT/engine.json" 2>&1 | grep -E "\||LOOP"
+    timeout 140 python3 -m pytest -m gpu -q -p no:cacheprovider tests/model/engine tests/model/kernels/test_rope.py \
+      tests/model/kernels/test_gate.py tests/model/kernels/test_rmsnorm.py tests/model/kernels/test_scan.py \
+      2>&1 | tee "$OUT/gpu-tests.log" | tail -5
+    timeout 50 python3 -m hymba_batch.jobs.bench.kernels --seqs 16 --seqlen 1024 --decode-B 2048 \
+      --only rmsnorm_avg rope silu_mul state_update > "$OUT/kernels.txt" 2>&1; tail -n +2 "$OUT/kernels.txt" | head -9
+    tail -1 "$OUT/kernels.txt" > "$OUT/kernels.json"
+    timeout 380 python3 -m hymba_batch.jobs.bench.engine --workloads S,M,G,L --repeats 1 \
+      --variants ssm_state_dtype=float32 --profile "$OUT/profile.txt" --json-out "$OUT/engine.json" 2>&1 | grep -E "\||LOOP"
     ;;
   baselines)  # the transformers baselines beside S and G (about 5 minutes)
     timeout 560 python3 -m hymba_batch.jobs.bench.engine --workloads S,G --repeats 1 --baselines \

@@ -1,12 +1,14 @@
 """Micro-benchmark: the SSM-branch kernels (RMSNorm, causal conv1d varlen + update, selective scan
-varlen + state update), Triton vs the ``*_ref`` twins, and vs ``mamba_ssm`` / ``causal_conv1d``
+varlen + state update with fp32 and bf16 state pools) and the fused elementwise passes (the
+mixer's averaged norms, RoPE, the MLP's SiLU gate), Triton vs the ``*_ref`` twins, and vs ``mamba_ssm`` / ``causal_conv1d``
 when those import (they are not dependencies of this project, nor in its image: install them by
 hand to get that comparison; it has not been run).
 
 Real Hymba-1.5B shapes: E = 3200 channels, N = 16 states, K = 4 taps, hidden 1600; prefill packs
 ``--seqs`` sequences of ``--seqlen`` tokens (default 64 x 1024 = 65536 tokens; equal lengths so the
 padded-batch mamba_ssm kernels see the same work); decode runs ``--decode-B`` sequences of one
-token each, states in a pool of random slots. Activations bf16 (``--dtype``), SSM states fp32.
+token each, states in a pool of random slots. Activations bf16 (``--dtype``); the state update
+runs on an fp32 and on a bf16 state pool (the engine's default for a bf16 model).
 Times are ``triton.testing.do_bench`` medians (L2 flushed between runs); refs slower than 100 ms
 a call are timed as the median of three single runs. Bytes are the minimum each op must move
 (inputs read once, outputs written once, state read and written); GB/s = bytes / time.
@@ -83,9 +85,11 @@ def _mamba_ops():
 def main() -> None:
     import triton
 
-    from hymba_batch.model.kernels import _conv_triton, _rmsnorm_triton, _scan_triton  # noqa: F401
+    from hymba_batch.model.kernels import _conv_triton, _gate_triton, _rmsnorm_triton, _rope_triton, _scan_triton
     from hymba_batch.model.kernels.conv import causal_conv1d_update_ref, causal_conv1d_varlen_ref
-    from hymba_batch.model.kernels.rmsnorm import rmsnorm_ref
+    from hymba_batch.model.kernels.gate import silu_mul_ref
+    from hymba_batch.model.kernels.rmsnorm import rmsnorm_avg_ref, rmsnorm_ref
+    from hymba_batch.model.kernels.rope import apply_rope_ref
     from hymba_batch.model.kernels.scan import selective_scan_varlen_ref, selective_state_update_ref
 
     ap = argparse.ArgumentParser()
@@ -96,7 +100,8 @@ def main() -> None:
     ap.add_argument("--no-ref", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time a few launch configs")
     ap.add_argument("--only", nargs="+", default=None,
-                    choices=["rmsnorm", "conv1d_varlen", "conv1d_update", "scan_varlen", "state_update"])
+                    choices=["rmsnorm", "rmsnorm_avg", "rope", "silu_mul", "conv1d_varlen", "conv1d_update",
+                             "scan_varlen", "state_update"])
     ap.add_argument("--save", action="store_true", help="also write the JSON to jobs/bench/results/")
     a = ap.parse_args()
 
@@ -189,6 +194,46 @@ def main() -> None:
                err=err, sweep=sweep)
         del x, wn, got
 
+    # ---- the mixer's averaged norms: (rmsnorm(attn) + rmsnorm(y)) / 2 over [T, 3200] (ref: four passes)
+    if want("rmsnorm_avg"):
+        xa, xb = rnd(T, E, scale=3.0), rnd(T, E, scale=0.3)
+        wa, wb = rnd(E, shift=1.0, scale=0.1), rnd(E, shift=1.0, scale=0.1)
+        got = _rmsnorm_triton.rmsnorm_avg_triton(xa, wa, xb, wb, 1e-6)
+        err = None if a.no_ref else _err(got, rmsnorm_avg_ref(xa, wa, xb, wb, 1e-6))
+        record("rmsnorm_avg", f"2x[{T},{E}]", 3 * T * E * esz,
+               lambda: _rmsnorm_triton.rmsnorm_avg_triton(xa, wa, xb, wb, 1e-6),
+               lambda: rmsnorm_avg_ref(xa, wa, xb, wb, 1e-6), err=err)
+        del xa, xb, got
+
+    # ---- RoPE on q (25 heads) and k (5 heads): column slices of the in_proj output (ref: five passes)
+    if want("rope"):
+        P = rnd(T, PROJ)
+        ang = torch.rand(T, 32, generator=g, device=dev) * 6.283
+        cos, sin = torch.cat([ang.cos(), ang.cos()], -1).to(dt), torch.cat([ang.sin(), ang.sin()], -1).to(dt)
+        for name, lo, heads in (("q", 0, 25), ("k", 1600, 5)):
+            xq = P[:, lo:lo + heads * 64].view(T, heads, 64)
+            got = _rope_triton.apply_rope_triton(xq, cos, sin)
+            err = None if a.no_ref else _err(got, apply_rope_ref(xq, cos, sin))
+            sweep = [(f"BT{bt} BC{bc} w{nw}", (lambda bt=bt, bc=bc, nw=nw: override(
+                _rope_triton.ROPE_CONFIG, BLOCK_T=bt, BLOCK_C=bc, num_warps=nw)))
+                for bt in (4, 8, 16) for bc in (64, 128, 256) for nw in (2, 4, 8)]
+            record(f"rope {name}", f"[{T},{heads},64]", 2 * T * heads * 64 * esz + 2 * T * 64 * esz,
+                   lambda: _rope_triton.apply_rope_triton(xq, cos, sin), lambda: apply_rope_ref(xq, cos, sin),
+                   err=err, sweep=sweep)
+        del P, got
+
+    # ---- the MLP's gate SiLU(g) * u over [T, 5504] (ref: two passes)
+    if want("silu_mul"):
+        I_ = 5504
+        gg, uu = rnd(T, I_, scale=2.0), rnd(T, I_)
+        got = _gate_triton.silu_mul_triton(gg, uu)
+        err = None if a.no_ref else _err(got, silu_mul_ref(gg, uu))
+        sweep = [(f"B{bl} w{nw}", (lambda bl=bl, nw=nw: override(_gate_triton.GATE_CONFIG, BLOCK=bl, num_warps=nw)))
+                 for bl in (1024, 2048, 4096) for nw in (4, 8)]
+        record("silu_mul", f"[{T},{I_}]", 3 * T * I_ * esz, lambda: _gate_triton.silu_mul_triton(gg, uu),
+               lambda: silu_mul_ref(gg, uu), err=err, sweep=sweep)
+        del gg, uu, got
+
     # ---- causal conv1d varlen: s is a column slice of the in_proj output [T, 8960]
     if want("conv1d_varlen"):
         P = rnd(T, PROJ)
@@ -274,14 +319,14 @@ def main() -> None:
                lambda: selective_scan_varlen_ref(*args, s2, slots), ext=ext, err=err, sweep=sweep)
         del u, delta, P, z, Bm, Cm, sst, s1, s2, got
 
-    # ---- selective state update (decode)
+    # ---- selective state update (decode), on an fp32 and on a bf16 state pool
     if want("state_update"):
-        for DB in a.decode_B:
+        for DB, sdt in ((DB, sdt) for DB in a.decode_B for sdt in (torch.float32, torch.bfloat16)):
             u, delta, z = rnd(DB, E, scale=0.7), rnd(DB, E, scale=0.5), rnd(DB, E)
             Bm, Cm = rnd(DB, N), rnd(DB, N)
             pool = DB + DB // 2
             slots = torch.randperm(pool, generator=g, device=dev)[:DB]
-            sst = torch.randn(pool, E, N, generator=g, device=dev) * 0.5
+            sst = (torch.randn(pool, E, N, generator=g, device=dev) * 0.5).to(sdt)
             s1, s2 = sst.clone(), sst.clone()
             args = (u, delta, A, Bm, Cm, D_, z, db)
             got = _scan_triton.selective_state_update_triton(s1, slots, *args)
@@ -298,8 +343,8 @@ def main() -> None:
             sweep = [(f"BE{be} w{nw}", (lambda be=be, nw=nw: override(
                 _scan_triton.UPDATE_CONFIG, BLOCK_E=be, num_warps=nw)))
                 for be in (32, 64, 128) for nw in (1, 2, 4) if be * N // (32 * nw) >= 1]
-            nbytes = 4 * DB * E * esz + 2 * DB * N * esz + 2 * DB * E * N * 4
-            record("state_update", f"B{DB} [{E}] N{N}", nbytes,
+            nbytes = 4 * DB * E * esz + 2 * DB * N * esz + 2 * DB * E * N * sst.element_size()
+            record("state_update", f"B{DB} [{E}] N{N} state {str(sdt)[6:]}", nbytes,
                    lambda: _scan_triton.selective_state_update_triton(s1, slots, *args),
                    lambda: selective_state_update_ref(s2, slots, *args), ext=ext, err=err, sweep=sweep)
             del u, delta, z, Bm, Cm, sst, s1, s2, got
