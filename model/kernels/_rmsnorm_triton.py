@@ -18,8 +18,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _normed(x_ptr, w_ptr, rows, cols, mask, mask_d, stride_xm, D, eps, out_ty: tl.constexpr):
-    """The rows' RMSNorm times the weight, rounded to ``out_ty`` (returned in fp32)."""
+def _normed(x_ptr, w_ptr, y_ptr, rows, cols, mask, mask_d, stride_xm, D, eps):
+    """The rows' RMSNorm times the weight, rounded to y's dtype (returned in fp32)."""
+    out_ty = y_ptr.dtype.element_ty
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     ms = tl.sum(x * x, axis=1) / D
     rstd = 1.0 / tl.sqrt(ms + eps)
@@ -38,9 +39,8 @@ def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, M, D, stride_xm, stride_ym, eps,
     cols = tl.arange(0, BLOCK_D)
     mask_d = cols < D
     mask = (rows < M)[:, None] & mask_d[None, :]
-    out_ty = y_ptr.dtype.element_ty
-    y = _normed(x_ptr, w_ptr, rows, cols, mask, mask_d, stride_xm, D, eps, out_ty)
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(out_ty), mask=mask)
+    y = _normed(x_ptr, w_ptr, y_ptr, rows, cols, mask, mask_d, stride_xm, D, eps)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -51,11 +51,10 @@ def _rmsnorm_avg_kernel(a_ptr, wa_ptr, b_ptr, wb_ptr, y_ptr, M, D, stride_am, st
     cols = tl.arange(0, BLOCK_D)
     mask_d = cols < D
     mask = (rows < M)[:, None] & mask_d[None, :]
-    out_ty = y_ptr.dtype.element_ty
-    na = _normed(a_ptr, wa_ptr, rows, cols, mask, mask_d, stride_am, D, eps, out_ty)
-    nb = _normed(b_ptr, wb_ptr, rows, cols, mask, mask_d, stride_bm, D, eps, out_ty)
+    na = _normed(a_ptr, wa_ptr, y_ptr, rows, cols, mask, mask_d, stride_am, D, eps)
+    nb = _normed(b_ptr, wb_ptr, y_ptr, rows, cols, mask, mask_d, stride_bm, D, eps)
     y = (na + nb) * 0.5  # halving is exact: rounding this once equals rounding the sum, then halving
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(out_ty), mask=mask)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # Elements per program (rows x padded D); the benchmark (jobs/bench/kernels.py) overrides it.
