@@ -548,7 +548,7 @@ def _execute(spec: JobSpec, plan: Plan, out: JobOutput, status: _Status, t0: flo
             summary.retried_units, summary.actor_restarts = pool.retries, pool.restarts
             drained = pool.drained_at or t_run
             # where the time went: planning + Ray + actors loading their models; every actor busy;
-            # the last units finishing after the queue ran dry
+            # the last units finishing while an actor sits idle, nothing left to hand it
             summary.time_split = {"start_s": t_ready - t0, "steady_s": drained - t_ready, "tail_s": t_run - drained}
         state = "failed" if status.failed else "succeeded"
         if state == "succeeded":

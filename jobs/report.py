@@ -170,7 +170,7 @@ def render(data: ReportData) -> str:
     p = data.phases
     phase_rows = [(name, f"{v:.1f} s") for name, v in (
         ("time in all", p.total_s), ("start (planning, Ray, actors loading)", p.start_s),
-        ("steady state (every actor busy)", p.steady_s), ("tail (queue ran dry)", p.tail_s),
+        ("steady state (every actor busy)", p.steady_s), ("tail (an actor out of work)", p.tail_s),
         ("commit", p.commit_s)) if v is not None]
     figs = {"rates": _rates_figure(data), "lengths": _lengths_figure(data), "finish": _finish_figure(data),
             "phases": _phases_figure(data)}

@@ -6,8 +6,8 @@ cumulative rows, units, tokens and row errors of the job, and per actor (``actor
 this run. Past ``max_points`` points a run keeps every other point and doubles its interval, so
 a run of any length fits in a few hundred points. Each run of the same job (a resume after a
 cancel or a failure) is one entry of ``runs``; the last ``MAX_RUNS`` are kept. A run also
-records when its actors were ready, when its queue ran dry (the tail begins: no unit left to
-hand out) and when it ended: the time split (start, steady state, tail) of the job summary,
+records when its actors were ready, when its tail began (no unit left to hand out and an actor
+out of work) and when it ended: the time split (start, steady state, tail) of the job summary,
 also for a run that is still going or was cancelled. Knows nothing of Ray or of the engine.
 """
 
@@ -58,7 +58,7 @@ class RunHistory:
     max_points: int = 360
     points: list[dict[str, Any]] = field(default_factory=list)
     ready_at: float | None = None    # every actor has loaded its model
-    drained_at: float | None = None  # no unit left to hand out (the tail begins)
+    drained_at: float | None = None  # no unit left to hand out and an actor idle (the tail begins)
     ended_at: float | None = None
     state: str = "running"
 

@@ -90,7 +90,7 @@ class ActorPool:
         self.restarts = 0
         self.deaths_since_progress = 0  # units that kill actors are quarantined: that is progress too
         self.retries = 0
-        self.drained_at: float | None = None  # wall time the last unit was handed out (tail start)
+        self.drained_at: float | None = None  # tail start: nothing left to hand out and an actor idle
         self.actor_info: list[dict[str, str]] = []
         self.ready: list[bool] = []  # loaded its model and may get units
         self.starting: dict[Any, tuple[int, int]] = {}  # info() of replacements -> (actor, generation)
@@ -192,8 +192,10 @@ class ActorPool:
                 ref = self.actors[idx].process.remote(unit)
                 inflight[ref] = (idx, self.generation[idx], unit)
                 load[idx] += 1
-            if not queue and self.drained_at is None:
-                self.drained_at = time.time()  # the tail begins: no unit left to hand out
+            if not queue and self.drained_at is None and any(self.ready[i] and load[i] == 0 for i in range(n)):
+                # the tail begins: no unit left to hand out and an actor out of work (while one actor
+                # still has units in flight its engine stays busy: that is steady state)
+                self.drained_at = time.time()
             if not inflight and (stop() or not queue):
                 break  # stopped with units left, or done
             if not inflight and not self.starting:

@@ -80,7 +80,8 @@ def test_report_of_a_finished_job(ray_cluster, tiny_checkpoint, tmp_path, capsys
         (manifest["committed_rows"], manifest["prompt_tokens"], manifest["completion_tokens"])
     assert last["actors"] == {actor_label(summary.actors[0]["actor_id"]): {
         "rows": 16, "prompt_tokens": manifest["prompt_tokens"], "completion_tokens": manifest["completion_tokens"]}}
-    assert run["started_at"] <= run["ready_at"] <= run["drained_at"] <= run["ended_at"]
+    assert run["started_at"] <= run["ready_at"] <= run["ended_at"]
+    assert run["drained_at"] is None and ph["tail_s"] == 0  # one actor busy to its last unit: no tail
 
 
 def test_report_of_a_failed_job_on_s3(ray_cluster, tiny_checkpoint, s3_bucket, tmp_path) -> None:

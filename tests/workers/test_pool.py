@@ -1,5 +1,6 @@
 """The actor pool on a real two-node local Ray cluster: units spread over nodes, output that
-does not depend on the number of actors, and an actor killed mid-unit."""
+does not depend on the number of actors, where the time went (steady state, tail), and an actor
+killed mid-unit."""
 
 import json
 import os
@@ -42,6 +43,9 @@ def test_one_vs_three_actors_same_output_and_units_spread_over_nodes(ray_cluster
     assert len(r1) == n and [r[:2] for r in r1] == sorted({r[:2] for r in r1})
     assert r1 == r3
     assert len({r[2] for r in r1}) > 1  # sampling really varies per row
+    # the tail is time with nothing left to hand out and an actor idle: one actor is busy to the end
+    assert s1.time_split["tail_s"] == 0 and s1.time_split["steady_s"] > 0
+    assert s3.time_split["tail_s"] > 0
 
 
 def test_actor_killed_mid_unit_is_replaced_and_only_its_unit_redone(ray_cluster, tiny_checkpoint, articles,
