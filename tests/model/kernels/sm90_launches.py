@@ -2,8 +2,8 @@
 GPU: the compiled kernels' errors (which the interpreter does not see) show up in CI.
 
 Run as a script (``test_compile_sm90.py`` does, in a process without ``TRITON_INTERPRET``): it
-forces the fast path on the CPU, replaces Triton's launcher with one that records each launch's
-argument types, constexprs and launch options (the kernels do not run, their outputs stay
+forces the fast path on the CPU, replaces Triton's launcher with one that binds and specialises
+each launch as it would on an H200 and keeps it (the kernels do not run, their outputs stay
 unset), drives an engine of the real Hymba widths (4 layers, bf16) through chunked prefills over
 sliding-window rings and paged blocks, decodes and a forked prefix, then compiles each distinct
 launch with Triton's ahead-of-time compiler for ``cuda`` arch 90 (its ``ptxas`` included). Prints
@@ -18,25 +18,23 @@ from collections import Counter
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction, mangle_type
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
-LAUNCHES: dict[tuple, tuple] = {}
+TARGET = GPUTarget("cuda", 90, 32)
+LAUNCHES: dict[str, tuple] = {}
 
 
 def _record(self: JITFunction, *args, grid, warmup, **kwargs):  # noqa: ANN001, ANN202 - JITFunction.run's shape
-    names = self.arg_names
-    bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
-    options = {k: v for k, v in kwargs.items() if k not in names}
-    sig, consts = {}, {}
-    for p in self.params:
-        v = bound[p.name] if p.name in bound else p.default
-        t = "constexpr" if p.is_constexpr else mangle_type(v)
-        sig[p.name] = t
-        if t == "constexpr":
-            consts[p.name] = v
-    key = (self.fn.__qualname__, tuple(sig.items()), tuple(consts.items()), tuple(sorted(options.items())))
-    LAUNCHES.setdefault(key, (self, sig, consts, options))
+    """Bind and specialise the launch exactly as ``JITFunction.run`` does on an H200 (ints equal
+    to 1 become constexprs, pointers and ints divisible by 16 say so), and keep what it would
+    compile."""
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(self.signature, self.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound_args, specialization, options)
+    key = repr((self.fn.__qualname__, signature, constexprs, attrs, options))
+    LAUNCHES.setdefault(key, (self, signature, constexprs, attrs, options))
 
 
 def drive_engine() -> None:
@@ -61,11 +59,11 @@ def drive_engine() -> None:
 def main() -> None:
     JITFunction.run = _record
     drive_engine()
-    target = GPUTarget("cuda", 90, 32)
     compiled: Counter = Counter()
-    for (name, *_), (fn, sig, consts, options) in LAUNCHES.items():
+    for fn, sig, consts, attrs, options in LAUNCHES.values():
+        name = fn.fn.__qualname__
         try:
-            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=options)
+            triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET, options=options.__dict__)
         except Exception as e:
             print(f"{name} {sig} {consts} {options}: {type(e).__name__}: {e}", file=sys.stderr)
             raise
