@@ -3,6 +3,8 @@
 
 Placement: with a GPU visible (Ray gives the actor ``num_gpus = 1/actors_per_gpu``) the model
 runs on CUDA and the engine takes its share of the GPU memory; with none it runs on the CPU.
+On CUDA, ``HYMBA_TRITON_SEED`` (the image sets it) names kernels compiled at build time: the
+entries the node's Triton cache lacks are copied into it before the model loads.
 Test hooks: ``HYMBA_FAULT_CRASH_ONCE=<path>`` makes the first actor that reaches a unit's write
 create ``<path>`` and exit the process at once (mid-unit), to prove retries lose nothing;
 ``HYMBA_FAULT_POISON_UNIT=<text>`` makes every actor that starts a unit whose id contains
@@ -49,6 +51,7 @@ KILL_UNIT_ENV = "HYMBA_FAULT_KILL_UNIT"
 ENOSPC_UNIT_ENV = "HYMBA_FAULT_ENOSPC_UNIT"
 HOG_UNIT_ENV = "HYMBA_FAULT_HOG_UNIT"
 BUSY_DIR_ENV = "HYMBA_FAULT_BUSY_DIR"
+TRITON_SEED_ENV = "HYMBA_TRITON_SEED"  # a Triton cache precompiled for the node's GPUs (model/precompile.py)
 ENGINE_FAILED_EXIT = 19
 
 
@@ -171,6 +174,10 @@ class InferenceActor:
         device = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and cuda)) else "cpu"
         dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
         folder = resolve_checkpoint(cfg.model_path)
+        seed, kernel_cache = os.environ.get(TRITON_SEED_ENV), os.environ.get("TRITON_CACHE_DIR")
+        if device == "cuda" and seed and kernel_cache:  # the image's precompiled kernels (infra/Dockerfile)
+            from hymba_batch.model.precompile import seed_cache
+            seed_cache(seed, kernel_cache)
         self.model = load_model(folder, device=device, dtype=getattr(torch, dtype_name))
         ekw: dict = {"memory_fraction": cfg.memory_fraction}
         if cfg.cache_budget_bytes:

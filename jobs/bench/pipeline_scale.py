@@ -111,23 +111,36 @@ print(json.dumps({"import_torch_s": t_torch - t0, "import_s": t1 - t0, "cuda_ini
 
 def cold_start(ckpt: Path, work: Path) -> dict:
     """A fresh process to its first batch (16 prompts, 4 new tokens, after importing the engine and
-    the tokenizer and loading it): with an empty Triton cache (a new node or image), then with the
-    cache the first run filled, then that again with CUDA's start in a thread beside the imports
-    (``cuda_init_s`` is then what is left of it after them)."""
+    the tokenizer and loading it): with an empty Triton cache (a new node); with a cache that
+    ``hymba_batch.model.precompile`` filled with CUDA hidden (the image's precompiled kernels,
+    ``precompile_s`` its time); with the cache the runs before filled (a warm node); that again
+    with CUDA's start in a thread beside the imports (``cuda_init_s`` is then what is left of it)."""
     import subprocess
     import sys
 
-    env = dict(os.environ, TRITON_CACHE_DIR=str(work / "triton-cache"))
-    shutil.rmtree(env["TRITON_CACHE_DIR"], ignore_errors=True)
     res = {}
-    for which in ("empty_cache", "warm_cache", "warm_cache_cuda_thread"):
+    for which in ("empty_cache", "precompiled_cache", "warm_cache", "warm_cache_cuda_thread"):
+        cache = work / ("triton-cache" if which == "empty_cache" else "triton-precompiled")
+        env = dict(os.environ, TRITON_CACHE_DIR=str(cache))
+        extra = {}
+        if which in ("empty_cache", "precompiled_cache"):
+            shutil.rmtree(cache, ignore_errors=True)
+        if which == "precompiled_cache":
+            t = time.perf_counter()
+            p = subprocess.run([sys.executable, "-m", "hymba_batch.model.precompile"], capture_output=True, text=True,
+                               env=env | {"CUDA_VISIBLE_DEVICES": ""})
+            extra = {"precompile_s": time.perf_counter() - t}
+            if p.returncode != 0:
+                res[which] = {"error": p.stderr[-2000:]}
+                continue
+            extra["precompiled_variants"] = json.loads(p.stdout.strip().splitlines()[-1])["variants"]
         t = time.perf_counter()
         p = subprocess.run([sys.executable, "-c", COLD_START, str(ckpt), "thread" if "thread" in which else "serial"],
                            env=env, capture_output=True, text=True)
         if p.returncode != 0:
             res[which] = {"error": p.stderr[-2000:]}
             continue
-        res[which] = json.loads(p.stdout.strip().splitlines()[-1]) | {"process_s": time.perf_counter() - t}
+        res[which] = json.loads(p.stdout.strip().splitlines()[-1]) | {"process_s": time.perf_counter() - t} | extra
     return res
 
 

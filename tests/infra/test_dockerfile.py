@@ -119,6 +119,13 @@ def dockerfile_problems(df, pyproject: dict) -> list[str]:
             problems.append("final stage sets no TRITON_CACHE_DIR (each actor would compile the kernels again)")
         elif not triton_cache.startswith(cache.rstrip("/") + "/"):
             problems.append(f"TRITON_CACHE_DIR {triton_cache} is not inside HYMBA_CACHE {cache} (the node's mount)")
+        # The kernels compiled at build time (no GPU there) for the actors to seed the node's cache.
+        seed = env.get("HYMBA_TRITON_SEED")
+        pre = [i.args for i in final.all("RUN") if "hymba_batch.model.precompile" in i.args]
+        if not seed or not pre:
+            problems.append("final stage precompiles no kernels (hymba_batch.model.precompile into HYMBA_TRITON_SEED)")
+        elif f"TRITON_CACHE_DIR={seed}" not in pre[0]:
+            problems.append(f"the precompile does not write HYMBA_TRITON_SEED {seed}")
     if "HOME" not in env:
         problems.append("no ENV HOME (the Ray cluster launcher reads it from the image config)")
 
@@ -191,6 +198,9 @@ BROKEN = {
     "cpu torch": lambda t: t.replace("whl/cu130", "whl/cpu"),
     "no cache volume": lambda t: t.replace('VOLUME ["/var/cache/hymba"]', ""),
     "no rsync": lambda t: t.replace("openssh-client rsync wget", "openssh-client wget"),
+    "no precompiled kernels": lambda t: t.replace("ENV HYMBA_TRITON_SEED=/opt/hymba/triton-seed\n", ""),
+    "precompiled elsewhere": lambda t: t.replace("RUN TRITON_CACHE_DIR=/opt/hymba/triton-seed python",
+                                                 "RUN TRITON_CACHE_DIR=/tmp/x python"),
 }
 # What the problem found must name, for the cases where a wrong reason would hide a regression.
 EXPECTED = {
@@ -204,6 +214,8 @@ EXPECTED = {
     "no C compiler": "does not install gcc",
     "no python headers": "does not install python3-dev",
     "no rsync": "does not install rsync",
+    "no precompiled kernels": "precompiles no kernels",
+    "precompiled elsewhere": "does not write HYMBA_TRITON_SEED",
 }
 
 
