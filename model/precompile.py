@@ -47,14 +47,16 @@ def recorded_launches(arch: int) -> Iterator[dict]:
 
     backend = make_backend(GPUTarget("cuda", arch, 32))
     launches: dict[str, tuple] = {}
+    binders: dict = {}
 
     def record(self, *args, grid, warmup, **kwargs):  # noqa: ANN001, ANN202 - JITFunction.run's shape
         # the options JITFunction.run adds before it binds (they are part of the cache key)
         kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
         kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
         kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
-        binder = create_function_from_signature(self.signature, self.params, backend)
-        bound_args, specialization, options = binder(*args, **kwargs)
+        if self not in binders:
+            binders[self] = create_function_from_signature(self.signature, self.params, backend)
+        bound_args, specialization, options = binders[self](*args, **kwargs)
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound_args, specialization, options)
         key = repr((self.fn.__qualname__, signature, constexprs, attrs, options))
         launches.setdefault(key, (self, signature, constexprs, attrs, options))
