@@ -32,13 +32,18 @@ def _normed(x_ptr, w_ptr, y_ptr, rows, cols, mask, mask_d, stride_xm, D, eps):
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, M, D, stride_xm, stride_ym, eps,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _tile(M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows and columns, the column mask and the tile's mask."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     mask_d = cols < D
-    mask = (rows < M)[:, None] & mask_d[None, :]
+    return rows, cols, mask_d, (rows < M)[:, None] & mask_d[None, :]
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, M, D, stride_xm, stride_ym, eps,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows, cols, mask_d, mask = _tile(M, D, BLOCK_M, BLOCK_D)
     y = _normed(x_ptr, w_ptr, y_ptr, rows, cols, mask, mask_d, stride_xm, D, eps)
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -46,11 +51,7 @@ def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, M, D, stride_xm, stride_ym, eps,
 @triton.jit
 def _rmsnorm_avg_kernel(a_ptr, wa_ptr, b_ptr, wb_ptr, y_ptr, M, D, stride_am, stride_bm, stride_ym, eps,
                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    mask_d = cols < D
-    mask = (rows < M)[:, None] & mask_d[None, :]
+    rows, cols, mask_d, mask = _tile(M, D, BLOCK_M, BLOCK_D)
     na = _normed(a_ptr, wa_ptr, y_ptr, rows, cols, mask, mask_d, stride_am, D, eps)
     nb = _normed(b_ptr, wb_ptr, y_ptr, rows, cols, mask, mask_d, stride_bm, D, eps)
     y = (na + nb) * 0.5  # halving is exact: rounding this once equals rounding the sum, then halving
