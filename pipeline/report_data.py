@@ -47,8 +47,9 @@ class ErrorKind:
 @dataclass
 class Phases:
     """The time split of a run (seconds): start (planning, Ray, actors loading their models),
-    steady state (every actor busy), tail (nothing left to hand out, an actor idle), commit; ``source`` says
-    whether the driver measured it (``status.json``'s ``time_split``) or the history shows it."""
+    steady state (every actor busy), tail (nothing left to hand out, an actor idle), commit;
+    ``source`` says whether the driver measured it (``status.json``'s ``time_split``) or the
+    history shows it."""
 
     start_s: float | None
     steady_s: float | None
