@@ -134,12 +134,15 @@ def cold_start(ckpt: Path, work: Path) -> dict:
                 res[which] = {"error": p.stderr[-2000:]}
                 continue
             extra["precompiled_variants"] = json.loads(p.stdout.strip().splitlines()[-1])["variants"]
+        before = len(list(cache.glob("*/*.cubin")))
         t = time.perf_counter()
         p = subprocess.run([sys.executable, "-c", COLD_START, str(ckpt), "thread" if "thread" in which else "serial"],
                            env=env, capture_output=True, text=True)
         if p.returncode != 0:
             res[which] = {"error": p.stderr[-2000:]}
             continue
+        # kernel variants the process compiled itself (for the precompiled cache: what it missed)
+        extra["compiled_in_process"] = len(list(cache.glob("*/*.cubin"))) - before
         res[which] = json.loads(p.stdout.strip().splitlines()[-1]) | {"process_s": time.perf_counter() - t} | extra
     return res
 
