@@ -1,6 +1,7 @@
 """Micro-benchmark: the SSM-branch kernels (RMSNorm, causal conv1d varlen + update, selective scan
 varlen + state update with fp32 and bf16 state pools) and the fused elementwise passes (the
-mixer's averaged norms, RoPE, the MLP's SiLU gate), Triton vs the ``*_ref`` twins, and vs ``mamba_ssm`` / ``causal_conv1d``
+mixer's averaged norms, RoPE, the MLP's SiLU gate), Triton vs the ``*_ref`` twins, and the head's
+GEMM with its weight padded to a multiple of 64 rows vs the plain one, and vs ``mamba_ssm`` / ``causal_conv1d``
 when those import (they are not dependencies of this project, nor in its image: install them by
 hand to get that comparison; it has not been run).
 
@@ -100,7 +101,7 @@ def main() -> None:
     ap.add_argument("--no-ref", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time a few launch configs")
     ap.add_argument("--only", nargs="+", default=None,
-                    choices=["rmsnorm", "rmsnorm_avg", "rope", "silu_mul", "conv1d_varlen", "conv1d_update",
+                    choices=["rmsnorm", "rmsnorm_avg", "rope", "silu_mul", "head", "conv1d_varlen", "conv1d_update",
                              "scan_varlen", "state_update"])
     ap.add_argument("--save", action="store_true", help="also write the JSON to jobs/bench/results/")
     a = ap.parse_args()
@@ -233,6 +234,22 @@ def main() -> None:
         record("silu_mul", f"[{T},{I_}]", 3 * T * I_ * esz, lambda: _gate_triton.silu_mul_triton(gg, uu),
                lambda: silu_mul_ref(gg, uu), err=err, sweep=sweep)
         del gg, uu, got
+
+    # ---- the head's GEMM at decode batch sizes: the weight padded to 32,064 rows (the model's
+    # head) against the plain 32,001 (ref column); both in the "triton ms" / "ref ms" columns
+    if want("head"):
+        import torch.nn.functional as F
+        V = 32001
+        W = rnd(V, H, scale=0.02)
+        Wp = torch.zeros(-(-V // 64) * 64, H, device=dev, dtype=dt)
+        Wp[:V] = W
+        for DB in a.decode_B:
+            hh = rnd(DB, H)
+            err = _err(F.linear(hh, Wp)[:, :V].float(), F.linear(hh, W).float())
+            record("head gemm", f"B{DB} [{H}]x[{V}]", DB * H * esz + V * H * esz + DB * V * esz,
+                   lambda: F.linear(hh, Wp)[:, :V].float(), lambda: F.linear(hh, W).float(), err=err)
+            del hh
+        del W, Wp
 
     # ---- causal conv1d varlen: s is a column slice of the in_proj output [T, 8960]
     if want("conv1d_varlen"):
