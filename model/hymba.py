@@ -66,6 +66,31 @@ def rope_cos_sin(cfg: HymbaConfig, positions: torch.Tensor, dtype: torch.dtype) 
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def derived(owner: nn.Module, name: str, w: torch.Tensor, make) -> torch.Tensor:  # noqa: ANN001
+    """``make(w)``, kept on ``owner`` and made again when ``w`` changes (its storage or version):
+    weights in the layout the GEMMs want, made once instead of every step."""
+    key = (w.data_ptr(), w._version, w.dtype, w.device)
+    hit = owner.__dict__.get(name)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = owner.__dict__[name] = (key, make(w))
+    return hit[1]
+
+
+def zero_padded(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``w`` [r, c] in the top-left corner of a zero [rows, cols]. A bf16 GEMM whose operand or
+    output rows are not a multiple of 8 values (16 bytes) cannot use cuBLAS's Hopper kernels: in the
+    H200 profile the head (32,001 outputs) ran as a Turing-era kernel and two GEMMs per layer as
+    Ampere-era ones, which x_proj (132 outputs) and dt_proj (100 inputs) are the shapes for."""
+    out = w.new_zeros(rows, cols)
+    out[:w.shape[0], :w.shape[1]] = w
+    return out
+
+
+def _up(n: int, m: int = 8) -> int:
+    return -(-n // m) * m
+
+
 # ---- the hybrid layer --------------------------------------------------------------------------
 
 class HymbaMixer(nn.Module):
@@ -109,9 +134,14 @@ class HymbaMixer(nn.Module):
         E = cfg.d_inner
         u = ops.conv(self.layer, s, self.conv1d.weight.view(E, -1), self.conv1d.bias)
         R, N = cfg.mamba_dt_rank, cfg.mamba_d_state
-        dt, B, C = self.x_proj[0](u).split([R, N, N], dim=-1)
-        dt = F.linear(self.dt_layernorm(dt), self.dt_proj[0].weight)  # bias goes in the scan, fp32
-        A = -torch.exp(self.A_log[0].float())
+        xw = derived(self, "_x_proj", self.x_proj[0].weight, lambda w: zero_padded(w, _up(w.shape[0]), w.shape[1]))
+        dt, B, C = F.linear(u, xw)[:, :R + 2 * N].split([R, N, N], dim=-1)
+        dw = derived(self, "_dt_proj", self.dt_proj[0].weight, lambda w: zero_padded(w, w.shape[0], _up(w.shape[1])))
+        dt = self.dt_layernorm(dt)
+        if dw.shape[1] > R:  # K padded with zeros on both sides: the same products
+            dt = F.pad(dt, (0, dw.shape[1] - R))
+        dt = F.linear(dt, dw)  # bias goes in the scan, fp32
+        A = derived(self, "_A", self.A_log[0], lambda a: -torch.exp(a.float()))
         y = ops.scan(self.layer, u, dt, A, self.B_layernorm(B), self.C_layernorm(C),
                      self.D[0], z, self.dt_proj[0].bias)
         n1, n2 = self.pre_avg_layernorm1, self.pre_avg_layernorm2
@@ -197,18 +227,8 @@ class HymbaForCausalLM(nn.Module):
         weight padded with zero rows to a multiple of 64: with Hymba's 32,001 rows the output's row
         stride is not 16-byte aligned and cuBLAS falls back to a slow kernel (H200 profile: a
         Turing-era GEMM, 2.2 ms of a 33.4 ms G decode step)."""
-        return F.linear(h, self._padded_head())[..., :self.config.vocab_size].float().contiguous()
-
-    def _padded_head(self) -> torch.Tensor:
-        """The head's weight padded to a multiple of 64 rows; rebuilt when the weight changes."""
-        w = self.lm_head.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if getattr(self, "_head_key", None) != key:
-            with torch.no_grad():
-                padded = w.new_zeros(-(-w.shape[0] // 64) * 64, w.shape[1])
-                padded[:w.shape[0]] = w
-            self._head, self._head_key = padded, key
-        return self._head
+        w = derived(self, "_head", self.lm_head.weight, lambda w: zero_padded(w, _up(w.shape[0], 64), w.shape[1]))
+        return F.linear(h, w)[..., :self.config.vocab_size].float().contiguous()
 
     @torch.inference_mode()
     def forward_full(self, input_ids: torch.Tensor, hidden: list | None = None) -> torch.Tensor:
