@@ -28,7 +28,7 @@ case "${1:-}" in
       tests/model/kernels/test_gate.py tests/model/kernels/test_rmsnorm.py tests/model/kernels/test_scan.py \
       2>&1 | tee "$OUT/gpu-tests.log" | tail -5
     timeout 50 python3 -m hymba_batch.jobs.bench.kernels --seqs 16 --seqlen 1024 --decode-B 2048 \
-      --only rmsnorm_avg rope silu_mul head state_update > "$OUT/kernels.txt" 2>&1; tail -n +2 "$OUT/kernels.txt" | head -10
+      --only rmsnorm_avg rope silu_mul gemm state_update > "$OUT/kernels.txt" 2>&1; tail -n +2 "$OUT/kernels.txt" | head -14
     tail -1 "$OUT/kernels.txt" > "$OUT/kernels.json"
     timeout 380 python3 -m hymba_batch.jobs.bench.engine --workloads S,M,G,L --repeats 1 \
       --variants ssm_state_dtype=float32 --profile "$OUT/profile.txt" --json-out "$OUT/engine.json" 2>&1 | grep -E "\||LOOP"

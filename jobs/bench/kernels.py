@@ -1,7 +1,7 @@
 """Micro-benchmark: the SSM-branch kernels (RMSNorm, causal conv1d varlen + update, selective scan
 varlen + state update with fp32 and bf16 state pools) and the fused elementwise passes (the
-mixer's averaged norms, RoPE, the MLP's SiLU gate), Triton vs the ``*_ref`` twins, and the head's
-GEMM with its weight padded to a multiple of 64 rows vs the plain one, and vs ``mamba_ssm`` / ``causal_conv1d``
+mixer's averaged norms, RoPE, the MLP's SiLU gate), Triton vs the ``*_ref`` twins, and the
+GEMMs the model runs against zero-padded weights (head, x_proj, dt_proj) vs the plain ones, and vs ``mamba_ssm`` / ``causal_conv1d``
 when those import (they are not dependencies of this project, nor in its image: install them by
 hand to get that comparison; it has not been run).
 
@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--no-ref", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time a few launch configs")
     ap.add_argument("--only", nargs="+", default=None,
-                    choices=["rmsnorm", "rmsnorm_avg", "rope", "silu_mul", "head", "conv1d_varlen", "conv1d_update",
+                    choices=["rmsnorm", "rmsnorm_avg", "rope", "silu_mul", "gemm", "conv1d_varlen", "conv1d_update",
                              "scan_varlen", "state_update"])
     ap.add_argument("--save", action="store_true", help="also write the JSON to jobs/bench/results/")
     a = ap.parse_args()
@@ -235,21 +235,31 @@ def main() -> None:
                lambda: silu_mul_ref(gg, uu), err=err, sweep=sweep)
         del gg, uu, got
 
-    # ---- the head's GEMM at decode batch sizes: the weight padded to 32,064 rows (the model's
-    # head) against the plain 32,001 (ref column); both in the "triton ms" / "ref ms" columns
-    if want("head"):
+    # ---- GEMMs whose rows are not a multiple of 8 bf16 values, against the zero-padded weights
+    # the model uses (model/hymba.py zero_padded): the head (32,001 -> 32,064 outputs) at decode
+    # batch sizes, x_proj (132 -> 136 outputs) and dt_proj (100 -> 104 inputs) at decode batch
+    # sizes and at the prefill's T tokens; padded in the "triton ms" column, plain in "ref ms"
+    if want("gemm"):
         import torch.nn.functional as F
-        V = 32001
-        W = rnd(V, H, scale=0.02)
-        Wp = torch.zeros(-(-V // 64) * 64, H, device=dev, dtype=dt)
-        Wp[:V] = W
-        for DB in a.decode_B:
-            hh = rnd(DB, H)
-            err = _err(F.linear(hh, Wp)[:, :V].float(), F.linear(hh, W).float())
-            record("head gemm", f"B{DB} [{H}]x[{V}]", DB * H * esz + V * H * esz + DB * V * esz,
-                   lambda: F.linear(hh, Wp)[:, :V].float(), lambda: F.linear(hh, W).float(), err=err)
-            del hh
-        del W, Wp
+
+        def pad(w, rows, cols):
+            out = torch.zeros(rows, cols, device=dev, dtype=dt)
+            out[:w.shape[0], :w.shape[1]] = w
+            return out
+
+        cases = [("gemm head", 32001, H, 32064, H, a.decode_B), ("gemm x_proj", 132, E, 136, E, a.decode_B + [T]),
+                 ("gemm dt_proj", E, R, E, 104, a.decode_B + [T])]
+        for op, n_out, k, n_pad, k_pad, sizes in cases:
+            W = rnd(n_out, k, scale=0.02)
+            Wp = pad(W, n_pad, k_pad)
+            for M in sizes:
+                x = rnd(M, k)
+                plain = lambda: F.linear(x, W)  # noqa: E731
+                padded = lambda: F.linear(F.pad(x, (0, k_pad - k)) if k_pad > k else x, Wp)[:, :n_out]  # noqa: E731
+                record(op, f"[{M},{k}]x[{k},{n_out}]", (M * k + n_out * k + M * n_out) * esz, padded, plain,
+                       err=_err(padded(), plain()))
+                del x
+            del W, Wp
 
     # ---- causal conv1d varlen: s is a column slice of the in_proj output [T, 8960]
     if want("conv1d_varlen"):
