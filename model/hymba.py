@@ -69,7 +69,7 @@ def rope_cos_sin(cfg: HymbaConfig, positions: torch.Tensor, dtype: torch.dtype) 
 def derived(owner: nn.Module, name: str, w: torch.Tensor, make) -> torch.Tensor:  # noqa: ANN001
     """``make(w)``, kept on ``owner`` and made again when ``w`` changes (its storage or version):
     weights in the layout the GEMMs want, made once instead of every step."""
-    key = (w.data_ptr(), w._version, w.dtype, w.device)
+    key = (w.data_ptr(), 0 if w.is_inference() else w._version, w.dtype, w.device)  # (inference tensors keep no version)
     hit = owner.__dict__.get(name)
     if hit is None or hit[0] != key:
         with torch.no_grad():

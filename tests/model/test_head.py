@@ -25,3 +25,11 @@ def test_padded_head_gives_the_plain_logits_and_follows_the_weight(tiny_model):
         with torch.no_grad():
             w.copy_(saved)
     assert torch.equal(tiny_model.head(h), got)
+
+
+def test_weights_made_in_inference_mode_still_work(tiny_ckpt):
+    from hymba_batch.model import load_model
+    with torch.inference_mode():  # weights that keep no version counter
+        model = load_model(tiny_ckpt)
+        h = torch.randn(2, model.config.hidden_size)
+        assert torch.equal(model.head(h), F.linear(h, model.lm_head.weight).float())
