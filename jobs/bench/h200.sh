@@ -24,10 +24,10 @@ fi
 export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 HYMBA_SHARED=$PWD/.devshared
 case "${1:-}" in
   engine)
-    timeout 140 python3 -m pytest -m gpu -q -p no:cacheprovider tests/model/engine tests/model/kernels/test_rope.py \
+    timeout 130 python3 -m pytest -m gpu -q -p no:cacheprovider tests/model/engine tests/model/kernels/test_rope.py \
       tests/model/kernels/test_gate.py tests/model/kernels/test_rmsnorm.py tests/model/kernels/test_scan.py \
       2>&1 | tee "$OUT/gpu-tests.log" | tail -5
-    timeout 50 python3 -m hymba_batch.jobs.bench.kernels --seqs 16 --seqlen 1024 --decode-B 2048 \
+    timeout 70 python3 -m hymba_batch.jobs.bench.kernels --seqs 16 --seqlen 1024 --decode-B 2048 \
       --only rmsnorm_avg rope silu_mul gemm state_update > "$OUT/kernels.txt" 2>&1; tail -n +2 "$OUT/kernels.txt" | head -14
     tail -1 "$OUT/kernels.txt" > "$OUT/kernels.json"
     timeout 380 python3 -m hymba_batch.jobs.bench.engine --workloads S,M,G,L --repeats 1 \
