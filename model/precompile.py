@@ -100,6 +100,7 @@ def drive_engine(dtype: torch.dtype = torch.bfloat16, which: str = "small") -> N
     from .checkpoints import random_model
     from .config import HymbaConfig, real_config_dict
     from .engine import Engine, EngineConfig, SamplingParams
+    from .engine.runner import decode_bucket
 
     layers = 4
     cfg = HymbaConfig.from_dict(real_config_dict() | {
@@ -120,7 +121,7 @@ def drive_engine(dtype: torch.dtype = torch.bfloat16, which: str = "small") -> N
         # eager call on the scratch slot, at every bucket size
         runner, scratch = engine.runner, engine.cache.scratch_slot
         top = engine.cache.shape.num_slots - 1
-        for size in sorted({min(1 << k, top) for k in range(9)} | set(range(256, top + 1, 256)) | {top}):
+        for size in sorted({decode_bucket(b, top) for b in range(1, top + 1)}):
             runner._decode_eager(torch.full((size,), scratch, dtype=torch.long), torch.zeros(size, dtype=torch.long),
                                  torch.zeros(size, dtype=torch.long))
 

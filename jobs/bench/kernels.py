@@ -242,16 +242,13 @@ def main() -> None:
     if want("gemm"):
         import torch.nn.functional as F
 
-        def pad(w, rows, cols):
-            out = torch.zeros(rows, cols, device=dev, dtype=dt)
-            out[:w.shape[0], :w.shape[1]] = w
-            return out
+        from hymba_batch.model.hymba import zero_padded
 
         cases = [("gemm head", 32001, H, 32064, H, a.decode_B), ("gemm x_proj", 132, E, 136, E, a.decode_B + [T]),
                  ("gemm dt_proj", E, R, E, 104, a.decode_B + [T])]
         for op, n_out, k, n_pad, k_pad, sizes in cases:
             W = rnd(n_out, k, scale=0.02)
-            Wp = pad(W, n_pad, k_pad)
+            Wp = zero_padded(W, n_pad, k_pad)
             for M in sizes:
                 x = rnd(M, k)
                 plain = lambda: F.linear(x, W)  # noqa: E731

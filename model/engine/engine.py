@@ -62,6 +62,11 @@ class EngineConfig:
     overlap: bool = True                    # queue the next step before reading the last one's tokens
 
 
+def _rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """The rows ``idx`` of ``t`` (all of them when None)."""
+    return t if idx is None else t.index_select(0, idx)
+
+
 @dataclass(frozen=True)
 class _SamplingInputs:
     """One step's per-row sampling parameters, on the device."""
@@ -83,9 +88,8 @@ class _SamplingInputs:
 
     def select(self, idx: torch.Tensor | None, ahead: int = 0) -> "_SamplingInputs":
         """The rows ``idx`` (all when None), ``ahead`` tokens later."""
-        pick = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))  # noqa: E731
-        return _SamplingInputs(pick(self.temperature), pick(self.top_p), pick(self.top_k), pick(self.seeds),
-                               pick(self.steps) + ahead, self.all_greedy)
+        return _SamplingInputs(_rows(self.temperature, idx), _rows(self.top_p, idx), _rows(self.top_k, idx),
+                               _rows(self.seeds, idx), _rows(self.steps, idx) + ahead, self.all_greedy)
 
 
 @dataclass(frozen=True)
@@ -325,10 +329,9 @@ class Engine:
         if not all(self.cache.reserve_blocks(s.slot, s.num_cached + 1) for s in seqs):
             return False  # the scheduler preempts: after prev's tokens are read
         idx = None if len(keep) == len(prev.seqs) else to_device(keep, torch.long, prev.tokens.device)
-        pick = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))  # noqa: E731
-        slot_idx, pos = (pick(t) for t in prev.decode)
+        slot_idx, pos = (_rows(t, idx) for t in prev.decode)
         pos = pos + 1
-        logits = self._forward_decode(seqs, slot_idx, pos, pick(prev.tokens))
+        logits = self._forward_decode(seqs, slot_idx, pos, _rows(prev.tokens, idx))
         sampling = prev.sampling.select(idx, ahead=1)
         if all(self.logits_processor.passthrough(s, ahead=1) for s in seqs):
             self._inflight = self._launch_sampling(seqs, logits, (slot_idx, pos), sampling)
@@ -345,8 +348,8 @@ class Engine:
             return None
         if len(live) != len(seqs):
             idx = to_device(live, torch.long, logits.device)
-            seqs, logits = [seqs[i] for i in live], logits.index_select(0, idx)
-            decode, sampling = (decode[0].index_select(0, idx), decode[1].index_select(0, idx)), sampling.select(idx)
+            seqs, logits = [seqs[i] for i in live], _rows(logits, idx)
+            decode, sampling = (_rows(decode[0], idx), _rows(decode[1], idx)), sampling.select(idx)
         return self._launch_sampling(seqs, logits, decode, sampling)
 
     def _launch_sampling(self, seqs: list[Sequence], logits: torch.Tensor,

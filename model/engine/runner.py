@@ -148,6 +148,14 @@ class ModelRunner:
         return self.model.head(self.model.run_layers(self.model.model.embed_tokens(ids), ops))
 
 
+def decode_bucket(b: int, max_batch: int) -> int:
+    """The CUDA-graph batch size a decode of ``b`` sequences runs at: powers of two, then
+    multiples of 256, at most ``max_batch``."""
+    if b <= 256:
+        return min(1 << (b - 1).bit_length(), max_batch)
+    return min(-(-b // 256) * 256, max_batch)
+
+
 class DecodeGraphs:
     """Decode under CUDA graphs, one per batch-size bucket (powers of two, then multiples of 256).
 
@@ -168,9 +176,7 @@ class DecodeGraphs:
         self.pool = None
 
     def bucket(self, b: int) -> int:
-        if b <= 256:
-            return min(1 << (b - 1).bit_length(), self.max_batch)
-        return min(-(-b // 256) * 256, self.max_batch)
+        return decode_bucket(b, self.max_batch)
 
     def _capture(self, size: int) -> None:
         r = self.runner
