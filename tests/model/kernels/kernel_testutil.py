@@ -95,6 +95,21 @@ def assert_same(fast: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     assert same.all(), f"{what}: {int((~same).sum())}/{ref.numel()} elements differ"
 
 
+def assert_within_ulp(fast: torch.Tensor, ref: torch.Tensor, what: str, min_equal: float = 0.99) -> None:
+    """Every element within one unit in the last place of ``ref`` (its dtype's), and at least
+    ``min_equal`` of them bit-for-bit equal: the same roundings, except where a compiler rounds a
+    sum once that the ref rounds twice."""
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype, (what, fast.shape, ref.shape)
+    f, r = fast.double(), ref.double()
+    fi = torch.finfo(ref.dtype)
+    ulp = fi.eps * torch.exp2(torch.floor(torch.log2(r.abs().clamp_min(fi.tiny))))
+    err = (f - r).abs()
+    bad = err > ulp
+    assert not bad.any(), f"{what}: {int(bad.sum())}/{r.numel()} elements more than 1 ulp off"
+    equal = (f == r).double().mean().item()
+    assert equal >= min_equal, f"{what}: only {equal:.4%} of elements bit-for-bit equal"
+
+
 def assert_close(fast: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
     """Elementwise |fast - ref| <= atol * scale + rtol * |ref| with scale = max(1, max |ref|);
     NaN must match NaN exactly (poisoned outputs, NaN pool slots)."""

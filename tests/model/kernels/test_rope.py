@@ -1,11 +1,14 @@
-"""apply_rope fast path (Triton) == apply_rope_ref, under the interpreter (CPU) and compiled (gpu):
-bit for bit (the same roundings), on column slices of a wider projection as in the model."""
+"""apply_rope fast path (Triton) against apply_rope_ref on column slices of a wider projection as in
+the model, under the interpreter (CPU) and compiled (gpu). The kernel rounds once where the ref
+rounds each product and the sum: in fp32 the two agree to 1e-6; in bf16 the kernel is within one
+ulp of the exact rotation (the ref's formula in fp64 on the same inputs, rounded once) and equal
+to its rounding in at least 99% of elements."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kernel_testutil import assert_same, column_slice, randn, run_fast, run_ref
+from kernel_testutil import assert_within_ulp, column_slice, randn, run_fast, run_ref
 
 from hymba_batch.model.config import HymbaConfig, real_config_dict
 from hymba_batch.model.hymba import rope_cos_sin
@@ -23,12 +26,12 @@ def check_rope(device: str, dtype: torch.dtype, T: int, H: int, d: int, seed: in
     else:
         cos, sin = randn((T, d), gen, device, dtype), randn((T, d), gen, device, dtype)
     fast = run_fast(rope.apply_rope, x, x, cos, sin)
-    ref = run_ref(rope.apply_rope, x, cos, sin)
     assert fast.is_contiguous()
-    if dtype == torch.float32:  # a fused multiply-add may round once where the ref rounds twice
-        torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-6)
-    else:
-        assert_same(fast, ref, "rope")
+    if dtype == torch.float32:
+        torch.testing.assert_close(fast, run_ref(rope.apply_rope, x, cos, sin), atol=1e-6, rtol=1e-6)
+        return
+    exact = rope.apply_rope_ref(x.double(), cos.double(), sin.double()).to(dtype)  # rounded once
+    assert_within_ulp(fast, exact, "rope vs the exact rotation", min_equal=0.99)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
