@@ -52,8 +52,9 @@ def recorded_launches(arch: int) -> Iterator[dict]:
     def record(self, *args, grid, warmup, **kwargs):  # noqa: ANN001, ANN202 - JITFunction.run's shape
         # the options JITFunction.run adds before it binds (they are part of the cache key)
         kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
-        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+        for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # 3.6 has the first only
+            if hasattr(knobs.compilation, knob):
+                kwargs[knob] = getattr(knobs.compilation, knob)
         if self not in binders:
             binders[self] = create_function_from_signature(self.signature, self.params, backend)
         bound_args, specialization, options = binders[self](*args, **kwargs)

@@ -9,7 +9,7 @@
 #   bash jobs/bench/h200.sh baselines  S and G beside transformers generate (the cache that won before)
 #   bash jobs/bench/h200.sh enrich     prefix sharing (engine), the JSON-schema constraint's cost on G,
 #                                      classify rows/s
-#   bash jobs/bench/h200.sh pipeline   the whole job vs the engine alone on 5,000 rows of real prose,
+#   bash jobs/bench/h200.sh pipeline   the whole job vs the engine alone on 5,000 rows (ROWS=...) of real prose,
 #                                      cold start
 # Needs: .whl/ (Ray and its missing dependencies, see ../shared/device/README.md, plus llguidance)
 # for `enrich` and `pipeline`, .devshared/ (a copy of ../shared/golden and ../shared/hymba-1.5b)
@@ -24,7 +24,7 @@ fi
 export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 HYMBA_SHARED=$PWD/.devshared
 case "${1:-}" in
   engine)
-    timeout 130 python3 -m pytest -m gpu -q -p no:cacheprovider tests/model/engine tests/model/kernels/test_rope.py \
+    timeout 200 python3 -m pytest -m gpu -q -rf -p no:cacheprovider tests/model/engine tests/model/kernels/test_rope.py \
       tests/model/kernels/test_gate.py tests/model/kernels/test_rmsnorm.py tests/model/kernels/test_scan.py \
       2>&1 | tee "$OUT/gpu-tests.log" | tail -5
     timeout 70 python3 -m hymba_batch.jobs.bench.kernels --seqs 16 --seqlen 1024 --decode-B 2048 \
@@ -34,7 +34,7 @@ case "${1:-}" in
       --variants ssm_state_dtype=float32 --profile "$OUT/profile.txt" --json-out "$OUT/engine.json" 2>&1 | grep -E "\||LOOP"
     ;;
   prefill)  # tokens per prefill step: the engine's default has never been measured against the bench's
-    timeout 400 python3 -m hymba_batch.jobs.bench.engine --workloads S,M --repeats 1 \
+    timeout 400 python3 -m hymba_batch.jobs.bench.engine --workloads M,S --repeats 1 \
       --variants "max_batch_tokens=8192;max_batch_tokens=32768" --json-out "$OUT/engine-prefill-tokens.json" 2>&1 | grep "|"
     ;;
   baselines)  # the transformers baselines beside S and G (about 5 minutes)
@@ -47,8 +47,8 @@ case "${1:-}" in
       --json-out "$OUT/enrich.json" 2>&1 | tail -8
     ;;
   pipeline)
-    timeout 560 python3 -m hymba_batch.jobs.bench.pipeline_scale --rows 5000 --gpus 1 --actors-per-gpu 1 \
-      --cold-start --json-out "$OUT/pipeline.json" 2>&1 | grep "|"
+    timeout 560 python3 -m hymba_batch.jobs.bench.pipeline_scale --rows ${ROWS:-5000} --gpus 1 --actors-per-gpu 1 \
+      --cold-start --json-out "$OUT/pipeline.json" 2>&1 | tee "$OUT/pipeline.log" | grep "|" || tail -20 "$OUT/pipeline.log"
     ;;
   *) echo "usage: $0 engine|prefill|baselines|enrich|pipeline" >&2; exit 2 ;;
 esac

@@ -120,10 +120,11 @@ def cold_start(ckpt: Path, work: Path) -> dict:
 
     res = {}
     for which in ("empty_cache", "precompiled_cache", "warm_cache", "warm_cache_cuda_thread"):
-        cache = work / ("triton-cache" if which == "empty_cache" else "triton-precompiled")
+        # the warm runs reuse the cache the empty run filled; the precompiled one has its own
+        cache = work / ("triton-precompiled" if which == "precompiled_cache" else "triton-cache")
         env = dict(os.environ, TRITON_CACHE_DIR=str(cache))
         extra = {}
-        if which in ("empty_cache", "precompiled_cache"):
+        if which in ("empty_cache", "precompiled_cache"):  # these start empty
             shutil.rmtree(cache, ignore_errors=True)
         if which == "precompiled_cache":
             t = time.perf_counter()
