@@ -1,7 +1,8 @@
 """Ahead-of-time compile of the engine's Triton kernels for a GPU architecture, on a machine with
 no GPU (an image build, a CI runner): the compiled kernels land in Triton's cache
 (``TRITON_CACHE_DIR``) under the keys a run on that GPU looks up, so a fresh node skips the
-compiles (26.2 s to a first batch with an empty cache against 12.7 s with a warm one, H200).
+compiles (H200, 2026-12-05: 49.0 s to a first batch with an empty cache, 23.2 s with this
+module's cache (its launchers not yet built), 16.7 s with a warm one).
 
 How: the fast path is forced on the CPU and Triton's launcher is replaced by one that binds and
 specialises each launch as ``JITFunction.run`` does on the target (ints equal to 1 become
@@ -13,8 +14,9 @@ paged blocks, a forked prefix, and one decode step at every CUDA-graph batch buc
 small cache and on a larger one (some launch choices follow the cache's shape). Each distinct
 launch is then compiled by Triton's compiler for the target, which stores it in the cache.
 
-Not covered: Triton's small C launcher per kernel signature (built with the node's C compiler at
-first use), and shapes a job reaches that this workload does not (they compile at first use, as
+Triton versions that build a small C launcher per kernel signature with the node's C compiler
+(3.6, torch 2.11's) get those built too (``build_launchers``), where a libcuda.so.1 can be found.
+Not covered: shapes a job reaches that this workload does not (they compile at first use, as
 before). ``seed_cache`` copies a precompiled cache into a node's cache without replacing entries.
 
     python -m hymba_batch.model.precompile [--arch 90] [--quick]     # prints one JSON line
@@ -140,14 +142,37 @@ def precompile(arch: int = 90, dtype: torch.dtype = torch.bfloat16, quick: bool 
             drive_engine(dtype, which)
     target = GPUTarget("cuda", arch, 32)
     compiled: Counter = Counter()
+    kernels = []
     for fn, sig, consts, attrs, options in launches.values():
         try:
-            triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options.__dict__)
+            kernels.append(triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options.__dict__))
         except Exception as e:
             raise RuntimeError(f"{fn.fn.__qualname__} {sig} {consts} {options}: {type(e).__name__}: {e}") from e
         compiled[fn.fn.__qualname__] += 1
-    return {"arch": arch, "compiled": dict(compiled), "variants": sum(compiled.values()),
-            "seconds": time.perf_counter() - t}
+    return {"arch": arch, "compiled": dict(compiled), "variants": sum(compiled.values())} \
+        | build_launchers(kernels) | {"seconds": time.perf_counter() - t}
+
+
+def build_launchers(kernels: list) -> dict:
+    """Build and cache the C launcher of each compiled kernel where the installed Triton makes one
+    per signature (``triton.backends.nvidia.driver.make_launcher``: 3.6 does, later versions launch
+    through one generic function). Otherwise a fresh node builds them at first launch: a cache
+    precompiled without them still cost 8.2 s in engine start and first batch against 2.0 s for a
+    warm one, with no kernel compiled (H200, pipeline-cold-start-h200-2026-12-05.json). They link
+    libcuda.so.1, present on a GPU node even with CUDA hidden; elsewhere ``TRITON_LIBCUDA_PATH``
+    names a folder holding one. Returns {"launchers": built} or, where none can be built, the
+    reason under "launchers_skipped"."""
+    from triton.backends.nvidia import driver as nv
+
+    if not hasattr(nv, "make_launcher"):
+        return {"launchers": 0, "launchers_skipped": "this Triton has no per-kernel launchers"}
+    try:
+        nv.CudaUtils()  # the driver's own helper module, built into the same cache
+        for k in kernels:
+            nv.CudaLauncher(k.src, k.metadata)
+    except (AssertionError, ImportError, RuntimeError, OSError) as e:  # no libcuda.so.1, no C compiler
+        return {"launchers": 0, "launchers_skipped": f"{type(e).__name__}: {str(e).strip()[:300]}"}
+    return {"launchers": len(kernels)}
 
 
 def seed_cache(seed: str | Path, cache: str | Path) -> int:
