@@ -33,6 +33,7 @@ import platform
 import statistics
 import time
 from functools import lru_cache
+from pathlib import Path
 from queue import Empty
 
 import torch
@@ -113,6 +114,7 @@ def engine_overrides(variant: str) -> dict:
 def run_workload(engine: Engine, name: str, prompts: list[list[int]], news: list[int], repeats: int) -> dict:
     params = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in news]
     times = []
+    entries = triton_cache_entries()
     for _ in range(repeats):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -121,13 +123,25 @@ def run_workload(engine: Engine, name: str, prompts: list[list[int]], news: list
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         assert [o.completion_tokens for o in outs] == news, "every request must produce its tokens"
+    compiled = triton_cache_entries() - entries
+    if compiled:
+        print(f"WARNING {name}: {compiled} Triton kernel(s) compiled inside the timed runs; the warm-up misses them",
+              flush=True)
     dt = statistics.median(times)
     n, lens = len(prompts), [len(p) for p in prompts]
     return {"workload": name, "prompts": n, "prompt_tokens": sum(lens) / n, "new_tokens": sum(news) / n,
             "prompt_tokens_p50_p90_max": [sorted(lens)[n // 2], sorted(lens)[int(n * 0.9)], max(lens)],
             "seconds": dt, "runs": times, "docs_per_s": n / dt, "prompt_tok_per_s": sum(lens) / dt,
             "gen_tok_per_s": sum(news) / dt, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "preemptions": engine.scheduler.num_preemptions}
+            "preemptions": engine.scheduler.num_preemptions, "kernels_compiled_in_timed_runs": compiled}
+
+
+def triton_cache_entries() -> int:
+    """Entries in Triton's on-disk cache: each kernel this process compiles adds one."""
+    from triton import knobs
+
+    d = Path(knobs.cache.dir)
+    return sum(1 for _ in d.iterdir()) if d.is_dir() else 0
 
 
 def profile_steps(engine: Engine, out_path: str) -> str:
@@ -352,9 +366,14 @@ def main() -> None:
             engine.generate(prompts_for(64, 256, seed=5), SamplingParams(max_new_tokens=16, ignore_eos=True))
             # kernels compile per shape class: chunked prefills over a cached history appear only with
             # mixed lengths (a first M run measured 45.7 docs/s against 79.0 in the same run after it)
+            # and decode kernels per batch bucket: M's outputs end at every length, so its decode
+            # batch passes through buckets S and G never reach (its first run: 25.8 s against 23.7 in
+            # the same run once another engine had compiled them, all of it in decode; 2026-12-05)
             t = time.perf_counter()
-            warm, _ = workload("M", 0.1)
-            engine.generate(warm, SamplingParams(max_new_tokens=8, ignore_eos=True))
+            warm, warm_news = workload("M", 0.1)
+            engine.generate(warm, [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in warm_news])
+            if engine.runner.graphs is not None:
+                engine.runner.graphs.capture_all()
             torch.cuda.synchronize()
             result.setdefault("warmup_mixed_s", {})[variant or "default"] = time.perf_counter() - t
             if a.profile and not variant:

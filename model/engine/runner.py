@@ -178,8 +178,17 @@ class DecodeGraphs:
     def bucket(self, b: int) -> int:
         return decode_bucket(b, self.max_batch)
 
+    def capture_all(self) -> None:
+        """Capture every bucket now (a benchmark's warm-up), not at its first use."""
+        for size in sorted({self.bucket(b) for b in range(1, self.max_batch + 1)}):
+            if size not in self.graphs:
+                self._capture(size)
+
     def _capture(self, size: int) -> None:
+        """Warm-up and capture run the step: only on scratch lanes."""
         r = self.runner
+        self.slot[:size].fill_(r.cache.scratch_slot)
+        self.pos[:size].zero_()
         args = (self.slot[:size], self.pos[:size], self.ids[:size])
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -196,9 +205,7 @@ class DecodeGraphs:
         b = ids.shape[0]
         size = self.bucket(b)
         scratch = self.runner.cache.scratch_slot
-        if size not in self.graphs:  # warm-up and capture run the step: only on scratch lanes
-            self.slot[:size].fill_(scratch)
-            self.pos[:size].zero_()
+        if size not in self.graphs:
             self._capture(size)
         self.ids[:b].copy_(ids)
         self.slot[:b].copy_(slot_idx)

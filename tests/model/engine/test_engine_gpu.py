@@ -146,3 +146,19 @@ def test_overlap_equals_reading_every_step_on_cuda(gold32, rand_prompts):
         lps = [o.logprobs for o in got if o.logprobs]
     assert outs[True] == outs[False]
     assert lps
+
+
+def test_graphs_captured_up_front_give_the_lazily_captured_tokens(gold32, rand_prompts):
+    """``DecodeGraphs.capture_all`` (the benchmark's warm-up) captures every batch bucket; decoding
+    on them afterwards gives the tokens of an engine that captures each bucket at first use."""
+    from hymba_batch.model.engine.runner import decode_bucket
+
+    prompts = rand_prompts(40, 2, 60, seed=43)
+    params = [SamplingParams(max_new_tokens=2 + i % 19, ignore_eos=True) for i in range(len(prompts))]
+    cfg = EngineConfig(memory_budget_bytes=1 << 26, max_num_seqs=48, cuda_graphs=True)
+    lazy, eager = Engine(gold32, cfg), Engine(gold32, cfg)
+    graphs = eager.runner.graphs
+    graphs.capture_all()
+    assert set(graphs.graphs) == {decode_bucket(b, graphs.max_batch) for b in range(1, graphs.max_batch + 1)}
+    want = [o.token_ids for o in lazy.generate(prompts, params)]
+    assert [o.token_ids for o in eager.generate(prompts, params)] == want
