@@ -318,7 +318,7 @@ def main() -> None:
                     "(default: both, the faster one counts)")
     ap.add_argument("--actors", default="", help="comma list of engines per GPU, e.g. 1,2,4,8")
     ap.add_argument("--actor-prompts", type=int, default=1024)
-    ap.add_argument("--max-batch-tokens", type=int, default=16384)
+    ap.add_argument("--max-batch-tokens", type=int, default=None, help="default: the engine's (what a job gets)")
     ap.add_argument("--max-chunk-tokens", type=int, default=None,
                     help="engine's per-sequence chunk cap (0: none; default: the engine's default)")
     ap.add_argument("--chunk-caps", default="", help="comma list: rerun each workload with these per-sequence "
@@ -349,7 +349,7 @@ def main() -> None:
 
     if a.workloads:
         model = random_model(cfg, "cuda", torch.bfloat16)
-        base = {"max_batch_tokens": a.max_batch_tokens}
+        base = {} if a.max_batch_tokens is None else {"max_batch_tokens": a.max_batch_tokens}
         if a.max_chunk_tokens is not None:
             base["max_chunk_tokens"] = a.max_chunk_tokens or None
         names = a.workloads.split(",")
@@ -383,7 +383,7 @@ def main() -> None:
             for name, cap in runs:
                 prompts, news = workload(name, a.scale)
                 engine.stats.update(prefill_s=0.0, decode_s=0.0, prefill_tokens=0, decode_tokens=0, steps=0)
-                engine.scheduler.max_chunk_tokens = (cap or a.max_batch_tokens) if cap is not None else default_cap
+                engine.scheduler.max_chunk_tokens = (cap or engine.scheduler.max_batch_tokens) if cap is not None else default_cap
                 r = run_workload(engine, name, prompts, news, a.repeats)
                 r["max_chunk_tokens"] = engine.scheduler.max_chunk_tokens
                 r["variant"] = variant or "default"

@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--items", type=int, default=20, help="objects in the records schema")
     ap.add_argument("--classify-rows", type=int, default=2048)
-    ap.add_argument("--max-batch-tokens", type=int, default=16384)
+    ap.add_argument("--max-batch-tokens", type=int, default=None, help="default: the engine's")
     ap.add_argument("--json-out", default="")
     a = ap.parse_args()
     if a.tiny:
@@ -132,7 +132,7 @@ def main() -> None:
         torch.set_num_threads(1)  # shared CPUs: one intra-op thread avoids OpenMP oversubscription
     cfg = tiny_config() if a.tiny else HymbaConfig.from_dict(real_config_dict())
     model = random_model(cfg, dev, torch.float32 if dev == "cpu" else torch.bfloat16)
-    engine = Engine(model, EngineConfig(max_batch_tokens=a.max_batch_tokens))
+    engine = Engine(model, EngineConfig(**({} if a.max_batch_tokens is None else {"max_batch_tokens": a.max_batch_tokens})))
     codec = load_codec(TOKENIZER)
     result: dict = {"bench": "enrich", "hardware": torch.cuda.get_device_name() if dev == "cuda" else platform.processor(),
                     "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),

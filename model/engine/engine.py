@@ -49,7 +49,8 @@ class EngineConfig:
     memory_budget_bytes: int | None = None  # cache budget; None: from memory_fraction
     memory_fraction: float = 0.9            # of the GPU's memory this engine may use in all
     max_num_seqs: int = 4096                # sequences resident at once (cache slots)
-    max_batch_tokens: int = 8192            # prompt tokens per prefill step
+    max_batch_tokens: int = 32768           # prompt tokens per prefill step (H200, 2026-12-05: M
+                                            # +4.4%, S +3.7% docs/s against 8,192, same run)
     max_chunk_tokens: int | None = 1024     # one sequence's tokens per prefill step (None: no cap;
                                             # measured: see scheduler.py)
     block_size: int = 64                    # tokens per paged block (global layers)
