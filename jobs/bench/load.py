@@ -1,7 +1,9 @@
 """Loading a checkpoint of the real Hymba-1.5B config (random weights, bf16, ~3 GB) in a process
 whose CUDA is already up: our ``load_model`` (twice) beside safetensors' own ``load_file`` to the
-GPU and to the CPU then ``.to("cuda")``, and a plain read of the file's bytes. Separates the
-cold start's loading from CUDA's own start (``pipeline_scale.py --cold-start`` times that).
+GPU and to the CPU then ``.to("cuda")``, and a plain read of the file's bytes; then ``load_model``
+twice in each of two fresh processes (straight to the GPU; to the CPU, then moved), as an actor
+meets it. Separates the cold start's loading from CUDA's own start (``pipeline_scale.py
+--cold-start`` times that).
 
     python -m hymba_batch.jobs.bench.load --json-out $OUT/load.json   # on the GPU machine
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +24,27 @@ import torch
 from hymba_batch.model import load_model
 from hymba_batch.model.checkpoints import write_checkpoint
 from hymba_batch.model.config import HymbaConfig, real_config_dict
+
+
+FRESH = """
+import json, sys, time
+import torch
+t = time.perf_counter()
+torch.empty(1, device="cuda")
+torch.cuda.synchronize()
+out = {"cuda_init_s": time.perf_counter() - t}
+from hymba_batch.model import load_model
+for i in range(2):  # the first load in a fresh process, then a second in the same process
+    t = time.perf_counter()
+    if sys.argv[2] == "cuda":
+        m = load_model(sys.argv[1], device="cuda", dtype=torch.bfloat16)
+    else:
+        m = load_model(sys.argv[1], device="cpu", dtype=torch.bfloat16).to("cuda")
+    torch.cuda.synchronize()
+    out[f"load_model_s_{i}"] = time.perf_counter() - t
+    del m
+print(json.dumps(out))
+"""
 
 
 def main() -> None:
@@ -56,6 +81,13 @@ def main() -> None:
     tensors = {k: v.to("cuda") for k, v in tensors.items()}
     torch.cuda.synchronize()
     res["cpu_to_cuda_s"] = time.perf_counter() - t
+    del tensors
+    # the same in fresh processes, as an actor meets it: the cold start's "load" took 6.7-7.9 s
+    # where this process takes 0.6-0.7 s (pipeline-cold-start-h200-2026-12-05.json)
+    for how in ("cuda", "cpu_then_cuda"):
+        p = subprocess.run([sys.executable, "-c", FRESH, str(ckpt), how], capture_output=True, text=True)
+        res[f"fresh_{how}"] = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 \
+            else {"error": p.stderr[-2000:]}
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(res) + "\n")
     print(json.dumps(res))
