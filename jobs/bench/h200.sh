@@ -2,8 +2,8 @@
 # The H200 session's benchmark commands, as run through the device tool (one GPU, bf16, random
 # weights of the real config). Results land in $OUT and are committed under jobs/bench/results/.
 #   bash jobs/bench/h200.sh engine     GPU tests of the engine and kernels, the fused kernels against
-#                                      the torch ops they replace, then S, M, G, L, each also on an
-#                                      engine with fp32 SSM state (same run), and a step profile
+#                                      the torch ops they replace, S, M, G, L and a step profile, then
+#                                      loading the checkpoint in a warm and in fresh processes
 #   bash jobs/bench/h200.sh prefill    M and S at 32,768 prompt tokens per prefill step (the engine's
 #                                      default), 16,384 and 65,536, same run
 #   bash jobs/bench/h200.sh baselines  S and G beside transformers generate (the cache that won before)
@@ -30,8 +30,9 @@ case "${1:-}" in
     timeout 70 python3 -m hymba_batch.jobs.bench.kernels --seqs 16 --seqlen 1024 --decode-B 2048 \
       --only rmsnorm_avg rope silu_mul gemm state_update > "$OUT/kernels.txt" 2>&1; tail -n +2 "$OUT/kernels.txt" | head -14
     tail -1 "$OUT/kernels.txt" > "$OUT/kernels.json"
-    timeout 380 python3 -m hymba_batch.jobs.bench.engine --workloads S,M,G,L --repeats 1 \
-      --variants ssm_state_dtype=float32 --profile "$OUT/profile.txt" --json-out "$OUT/engine.json" 2>&1 | grep -E "\||LOOP"
+    timeout 250 python3 -m hymba_batch.jobs.bench.engine --workloads S,M,G,L --repeats 1 \
+      --profile "$OUT/profile.txt" --json-out "$OUT/engine.json" 2>&1 | grep -E "\||LOOP|WARNING"
+    timeout 70 python3 -m hymba_batch.jobs.bench.load --json-out "$OUT/load.json" 2>&1 | tail -1
     ;;
   prefill)  # tokens per prefill step around the engine's default
     timeout 400 python3 -m hymba_batch.jobs.bench.engine --workloads M,S --repeats 1 \
