@@ -232,8 +232,9 @@ def _check(u, delta, A, B, C, D, z, delta_bias, state):
     return E, N
 
 
-# Launch parameters; None = chosen per call (see _scan_launch). The benchmark
-# (jobs/bench/kernels.py) overrides them to compare variants.
+# Launch parameters (None = chosen per call, see _scan_launch) and HW_MATH (softplus and gate from
+# lg2.approx and __fdividef when compiled; both kernels). The benchmark (jobs/bench/kernels.py)
+# overrides them to compare variants.
 SCAN_CONFIG = {"BLOCK_E": None, "num_warps": None, "UNROLL4": True, "HW_MATH": True}
 UPDATE_CONFIG = {"BLOCK_E": 128, "num_warps": 2}
 
