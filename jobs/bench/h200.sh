@@ -9,10 +9,13 @@
 #   bash jobs/bench/h200.sh baselines  S and G beside transformers generate (the cache that won before)
 #   bash jobs/bench/h200.sh enrich     prefix sharing (engine), the JSON-schema constraint's cost on G,
 #                                      classify rows/s
-#   bash jobs/bench/h200.sh pipeline   the whole job vs the engine alone on 5,000 rows (ROWS=...) of real prose,
-#                                      cold start
-# Needs: .whl/ (Ray and its missing dependencies, see ../shared/device/README.md, plus llguidance)
-# for `enrich` and `pipeline`, .devshared/ (a copy of ../shared/golden and ../shared/hymba-1.5b)
+#   bash jobs/bench/h200.sh pipeline   the whole job vs the engine alone on 5,000 rows (ROWS=...) of real
+#                                      prose, 1 and 2 actors per GPU (ACTORS=...)
+#   bash jobs/bench/h200.sh coldstart  a fresh process to its first batch with an empty, a precompiled and
+#                                      a warm kernel cache (and a 500-row job)
+# Needs: .whl/ (`bash ../shared/device/wheels.sh llguidance pydantic pydantic-core annotated-types
+# typing-inspection typing-extensions`: Ray, its missing dependencies and ours, ~50 MiB) for `enrich`,
+# `pipeline` and `coldstart`, .devshared/ (a copy of ../shared/golden and ../shared/hymba-1.5b)
 # for `engine`.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -47,9 +50,15 @@ case "${1:-}" in
     timeout 300 python3 -m hymba_batch.jobs.bench.enrich --prompts 512 --classify-rows 512 \
       --json-out "$OUT/enrich.json" 2>&1 | tail -8
     ;;
-  pipeline)
-    timeout 560 python3 -m hymba_batch.jobs.bench.pipeline_scale --rows ${ROWS:-5000} --gpus 1 --actors-per-gpu 1 \
-      --cold-start --json-out "$OUT/pipeline.json" 2>&1 | tee "$OUT/pipeline.log" | grep "|" || tail -20 "$OUT/pipeline.log"
+  pipeline)  # about 300 s at 5,000 rows; ROWS=15000 about 560 s with ACTORS=1
+    timeout 580 python3 -m hymba_batch.jobs.bench.pipeline_scale --rows ${ROWS:-5000} --gpus 1 \
+      --actors-per-gpu ${ACTORS:-1,2} --json-out "$OUT/pipeline.json" 2>&1 | tee "$OUT/pipeline.log" | grep "|" \
+      || tail -20 "$OUT/pipeline.log"
     ;;
-  *) echo "usage: $0 engine|prefill|baselines|enrich|pipeline" >&2; exit 2 ;;
+  coldstart)  # fresh processes to a first batch: empty, precompiled and warm kernel caches (about 250 s)
+    timeout 400 python3 -m hymba_batch.jobs.bench.pipeline_scale --rows 500 --gpus 1 --actors-per-gpu 1 \
+      --cold-start --json-out "$OUT/cold-start.json" 2>&1 | tee "$OUT/cold-start.log" | grep "|" \
+      || tail -20 "$OUT/cold-start.log"
+    ;;
+  *) echo "usage: $0 engine|prefill|baselines|enrich|pipeline|coldstart" >&2; exit 2 ;;
 esac
