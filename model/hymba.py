@@ -186,11 +186,11 @@ class HymbaLayer(nn.Module):
 class HymbaBackbone(nn.Module):
     def __init__(self, cfg: HymbaConfig):
         super().__init__()
-        # Uninitialised: every weight comes from a checkpoint or random_model's init, and the
-        # Embedding's own (normal_ on the meta device) imports torch._dynamo, 1.0 s of a fresh
-        # process's first load_model on a CPU (loading then took 0.02 s)
+        # Zeros, not the Embedding's own normal_ init: every weight comes from a checkpoint or
+        # random_model's init, and normal_ on the meta device imports torch._dynamo, 1.0 s of a
+        # fresh process's first load_model on a CPU (loading then took 0.02 s)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
-                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+                                         _weight=torch.zeros(cfg.vocab_size, cfg.hidden_size))
         self.memory_tokens = nn.Parameter(torch.zeros(cfg.num_memory_tokens, cfg.hidden_size))
         self.layers = nn.ModuleList([HymbaLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
