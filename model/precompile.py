@@ -103,7 +103,7 @@ def drive_engine(dtype: torch.dtype = torch.bfloat16, which: str = "small") -> N
     from .checkpoints import random_model
     from .config import HymbaConfig, real_config_dict
     from .engine import Engine, EngineConfig, SamplingParams
-    from .engine.runner import decode_bucket
+    from .engine.runner import decode_buckets
 
     layers = 4
     cfg = HymbaConfig.from_dict(real_config_dict() | {
@@ -124,7 +124,7 @@ def drive_engine(dtype: torch.dtype = torch.bfloat16, which: str = "small") -> N
         # eager call on the scratch slot, at every bucket size
         runner, scratch = engine.runner, engine.cache.scratch_slot
         top = engine.cache.shape.num_slots - 1
-        for size in sorted({decode_bucket(b, top) for b in range(1, top + 1)}):
+        for size in decode_buckets(top):
             runner._decode_eager(torch.full((size,), scratch, dtype=torch.long), torch.zeros(size, dtype=torch.long),
                                  torch.zeros(size, dtype=torch.long))
 

@@ -156,6 +156,11 @@ def decode_bucket(b: int, max_batch: int) -> int:
     return min(-(-b // 256) * 256, max_batch)
 
 
+def decode_buckets(max_batch: int) -> list[int]:
+    """Every CUDA-graph batch size of an engine whose decode holds at most ``max_batch``."""
+    return sorted({decode_bucket(b, max_batch) for b in range(1, max_batch + 1)})
+
+
 class DecodeGraphs:
     """Decode under CUDA graphs, one per batch-size bucket (powers of two, then multiples of 256).
 
@@ -180,7 +185,7 @@ class DecodeGraphs:
 
     def capture_all(self) -> None:
         """Capture every bucket now (a benchmark's warm-up), not at its first use."""
-        for size in sorted({self.bucket(b) for b in range(1, self.max_batch + 1)}):
+        for size in decode_buckets(self.max_batch):
             if size not in self.graphs:
                 self._capture(size)
 

@@ -239,6 +239,11 @@ SCAN_CONFIG = {"BLOCK_E": None, "num_warps": None, "UNROLL4": True, "HW_MATH": T
 UPDATE_CONFIG = {"BLOCK_E": 128, "num_warps": 2}
 
 
+def _hw_math() -> bool:
+    """The hardware-math build when compiled; the interpreter has no libdevice."""
+    return SCAN_CONFIG["HW_MATH"] and not backend.interpret_mode()
+
+
 def _scan_launch(n_seqs: int, E: int) -> tuple[int, int]:
     """BLOCK_E and num_warps. One warp per program; 64 channels (32 state elements per thread)
     while that gives >= 1024 programs, else 32, and 16 when even that leaves fewer than 256 (the
@@ -278,7 +283,7 @@ def selective_scan_varlen_triton(u, delta, A, B, C, D, z, delta_bias, cu_seqlens
         A.stride(0), A.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
         state.stride(0), state.stride(1), state.stride(2),
         BLOCK_E=block_e, BLOCK_N=triton.next_power_of_2(N), UNROLL4=SCAN_CONFIG["UNROLL4"],
-        HW_MATH=SCAN_CONFIG["HW_MATH"] and not backend.interpret_mode(), num_warps=num_warps)
+        HW_MATH=_hw_math(), num_warps=num_warps)
     return y
 
 
@@ -299,5 +304,5 @@ def selective_state_update_triton(state, slot_idx, u, delta, A, B, C, D, z, delt
         A.stride(0), A.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
         state.stride(0), state.stride(1), state.stride(2),
         BLOCK_E=block_e, BLOCK_N=triton.next_power_of_2(N),
-        HW_MATH=SCAN_CONFIG["HW_MATH"] and not backend.interpret_mode(), num_warps=UPDATE_CONFIG["num_warps"])
+        HW_MATH=_hw_math(), num_warps=UPDATE_CONFIG["num_warps"])
     return y
