@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from jinja2 import meta as jinja_meta
@@ -136,13 +136,16 @@ class PromptBuilder:
                 where.append(i)
             except Exception as e:  # noqa: BLE001 - any failure of one row's prompt is that row's error
                 out[i] = Prompt(None, error=_row_error(e))
+        long: list[tuple[int, int]] = []  # (row, its prompt's tokens): over the limit, fitted below
         for i, ids in zip(where, self.codec.encode_prompts(texts, self.cfg.chat)):
             if len(ids) <= self.limit:
                 out[i] = Prompt(list(ids))
             elif self.cfg.messages_column:
                 out[i] = Prompt(None, error=f"the messages are {len(ids)} tokens, over the limit of {self.limit}")
             else:
-                out[i] = self._fit(rows[i], bodies[i] or "", len(ids))
+                long.append((i, len(ids)))
+        for (i, _), p in zip(long, self.fit_all([(rows[i], bodies[i] or "", n) for i, n in long])):
+            out[i] = p
         return [p if p is not None else Prompt(None, error="internal: no prompt built") for p in out]
 
     def body(self, row: dict[str, Any]) -> str:
@@ -155,40 +158,67 @@ class PromptBuilder:
 
     def fit(self, row: dict[str, Any], body: str, n_tokens: int) -> Prompt:
         """A prompt of ``n_tokens`` cut to the limit under the job's truncation policy."""
-        return self._fit(row, body, n_tokens)
+        return self.fit_all([(row, body, n_tokens)])[0]
 
     def _encode(self, row: dict[str, Any], body: str) -> list[int]:
         return self.codec.encode_prompts([self._full_text(self._message(row, body))], self.cfg.chat)[0]
 
-    def _fit(self, row: dict[str, Any], body: str, n_tokens: int) -> Prompt:
+    def fit_all(self, items: list[tuple[dict[str, Any], str, int]]) -> list[Prompt]:
+        """``fit`` for many (row, body, n_tokens) at once: each round cuts every prompt still over
+        the limit by its excess and encodes them in one batch (a few rounds at most: cutting text
+        at a token boundary can change how the text around the cut tokenizes)."""
+        if not items:
+            return []
         if self.cfg.truncation == "error" or self.cfg.kind == "messages":
-            return Prompt(None, error=f"prompt is {n_tokens} tokens, over the limit of {self.limit} "
-                                      f"(task.truncation is 'error')")
-        body_ids = self.codec.encode_fragment(body)
-        cut = n_tokens - self.limit
-        try:
-            for _ in range(8):
-                keep = len(body_ids) - cut
-                if keep <= 0:
-                    break
-                ids = self._encode(row, self._cut(body_ids, keep))
+            return [Prompt(None, error=f"prompt is {n} tokens, over the limit of {self.limit} "
+                                       f"(task.truncation is 'error')") for _, _, n in items]
+        out: list[Prompt | None] = [None] * len(items)
+        body_ids = self.codec.encode_fragments([body for _, body, _ in items])
+        cut = [n - self.limit for _, _, n in items]
+        todo = list(range(len(items)))
+        for _ in range(8):
+            todo = [i for i in todo if len(body_ids[i]) - cut[i] > 0]  # the rest: nothing left to keep
+            if not todo:
+                break
+            bodies = self._cut_all([body_ids[i] for i in todo], [len(body_ids[i]) - cut[i] for i in todo])
+            texts, ok = [], []
+            for i, body in zip(todo, bodies):
+                try:
+                    texts.append(self._full_text(self._message(items[i][0], body)))
+                    ok.append(i)
+                except Exception as e:  # noqa: BLE001 - as in build_batch: a row error, never a unit failure
+                    out[i] = Prompt(None, error=_row_error(e))
+            todo = []
+            for i, ids in zip(ok, self.codec.encode_prompts(texts, self.cfg.chat)):
                 if len(ids) <= self.limit:
-                    return Prompt(ids, truncated=True)
-                cut += len(ids) - self.limit
-        except Exception as e:  # noqa: BLE001 - as in build_batch: a row error, never a unit failure
-            return Prompt(None, error=_row_error(e))
-        return Prompt(None, error=f"prompt is {n_tokens} tokens and cannot be cut to the limit of "
-                                  f"{self.limit} by truncating its text")
+                    out[i] = Prompt(list(ids), truncated=True)
+                else:
+                    cut[i] += len(ids) - self.limit
+                    todo.append(i)
+        return [p if p is not None else
+                Prompt(None, error=f"prompt is {n} tokens and cannot be cut to the limit of "
+                                   f"{self.limit} by truncating its text")
+                for p, (_, _, n) in zip(out, items)]
 
-    def _cut(self, ids: list[int], keep: int) -> str:
-        dec: Callable[[list[int]], str] = self.codec.decode_fragment
+    def _cut_all(self, ids: list[list[int]], keep: list[int]) -> list[str]:
+        """Each body's text with only ``keep`` of its tokens, by the truncation policy (one
+        batched decode)."""
         policy = self.cfg.truncation
-        if policy == "head":
-            return dec(ids[len(ids) - keep:])
-        if policy == "tail":
-            return dec(ids[:keep])
-        head = (keep + 1) // 2
-        return dec(ids[:head]) + MIDDLE_MARK + dec(ids[len(ids) - (keep - head):]) if keep > 1 else dec(ids[:1])
+        pieces: list[list[int]] = []
+        for x, k in zip(ids, keep):
+            if policy == "head":
+                pieces.append(x[len(x) - k:])
+            elif policy == "tail":
+                pieces.append(x[:k])
+            elif k > 1:
+                head = (k + 1) // 2
+                pieces += [x[:head], x[len(x) - (k - head):]]
+            else:
+                pieces.append(x[:1])
+        text = iter(self.codec.decode_fragments(pieces))
+        if policy in ("head", "tail"):
+            return list(text)
+        return [next(text) + MIDDLE_MARK + next(text) if k > 1 else next(text) for k in keep]
 
 
 def _messages(row: dict[str, Any], column: str) -> list[dict[str, str]]:

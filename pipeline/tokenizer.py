@@ -54,12 +54,21 @@ class Codec:
         """Token ids of a piece of text, no special tokens."""
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
+    def encode_fragments(self, texts: list[str]) -> list[list[int]]:
+        """``encode_fragment`` of many texts in one batch."""
+        return self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+
     def decode(self, ids: list[int]) -> str:
         """Text of generated ids, special tokens (EOS) dropped."""
         return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def decode_fragment(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def decode_fragments(self, seqs: list[list[int]]) -> list[str]:
+        """``decode_fragment`` of many id lists in one batch (the Rust tokenizer's own batch
+        decode, which is what ``decode_fragment`` calls per list, with no clean-up)."""
+        return self.tok.backend_tokenizer.decode_batch(seqs, skip_special_tokens=False) if seqs else []
 
 
 def load_codec(folder: str | Path) -> Codec:

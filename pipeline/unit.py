@@ -11,6 +11,7 @@ dataclasses that cross the Ray boundary).
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -126,6 +127,9 @@ class UnitRunner:
         self.codec, self.generate, self.before_write = codec, generate, before_write
         self.generate_stats = generate_stats  # engine counters after a generate call (into timings)
         self.out = resolve(output.parts_uri)
+        # One unit reads and builds its prompts at a time: an actor starts several units at once,
+        # and interleaved (the GIL) they would all reach the engine only when the last is ready.
+        self._prepare = threading.Lock()
 
     def committed(self, unit: WorkUnit) -> UnitResult | None:
         path = self.out.join(part_name(unit.unit_id, self.output.file_format))
@@ -142,24 +146,16 @@ class UnitRunner:
         done = self.committed(unit)
         if done is not None:
             return done
-        t0 = time.perf_counter()
-        table = read_unit(unit)
-        row_errors: list[str | None] = [None] * table.num_rows
-        if ROW_ERROR_COLUMN in table.column_names:  # lines the reader could not parse
-            row_errors = table.column(ROW_ERROR_COLUMN).to_pylist()
-            table = table.drop_columns([ROW_ERROR_COLUMN])
-        overrides, row_opts = self._overrides(unit, table, row_errors)
-        if overrides is not None:
-            table = table.drop_columns([c for c in OVERRIDE_COLUMNS if c in table.column_names])
-        cfg = self.prompt_cfg
-        rows = table.to_pylist()
-        if cfg.text_column is not None:
-            for row, v in zip(rows, text_values(table, cfg.text_column, unit.file.uri)):
-                row[cfg.text_column] = v
-        t1 = time.perf_counter()
-        id_col = self.output.id_column
+        cfg, id_col = self.prompt_cfg, self.output.id_column
+        map_reduce = cfg.long_input == "map_reduce"  # long texts summarized in pieces (pipeline/longdoc.py)
+        with self._prepare:
+            t0 = time.perf_counter()
+            table, rows, row_errors, overrides, row_opts = self._read(unit)
+            t1 = time.perf_counter()
+            if not map_reduce:
+                prompts = self.prompts.build_batch(rows)
         chunks: list[int | None] = []
-        if cfg.long_input == "map_reduce":  # long texts summarized in pieces (pipeline/longdoc.py)
+        if map_reduce:
             all_seeds = [row_seed(self.sampling.seed, unit.file.uri, unit.row_start + i,
                                   rows[i].get(id_col) if id_col else None) for i in range(len(rows))]
             t2 = time.perf_counter()  # the rounds are generation time
@@ -170,7 +166,6 @@ class UnitRunner:
             todo = [i for i, g in enumerate(final) if g is not None]
             gens = [final[i] for i in todo]
         else:
-            prompts = self.prompts.build_batch(rows)
             for i, err in enumerate(row_errors):
                 if err is not None:
                     prompts[i] = Prompt(None, error=err)
@@ -216,7 +211,7 @@ class UnitRunner:
             completion_tokens=sum(r.completion_tokens for r in results),
             worker=dict(worker or {}),
         )
-        row_fields = (("samples",) if self.sampling.n > 1 else ()) + (("chunks",) if cfg.long_input == "map_reduce" else ())
+        row_fields = (("samples",) if self.sampling.n > 1 else ()) + (("chunks",) if map_reduce else ())
         out = output_table(table, results, unit, self.output.mode, id_col, extra, row_fields)
         t4 = time.perf_counter()
         res.timings = {"read_s": t1 - t0, "prompt_s": t2 - t1, "generate_s": t3 - t2,
@@ -231,6 +226,24 @@ class UnitRunner:
         write_part(self.out, out, unit.unit_id, self.output.file_format, res.to_meta())
         res.timings["write_s"] = time.perf_counter() - t5
         return res
+
+    def _read(self, unit: WorkUnit) -> tuple[pa.Table, list[dict[str, Any]], list[str | None],
+                                            list[dict[str, Any]] | None, list[RequestOptions | None]]:
+        """The unit's table (reader error and request-override columns dropped), its rows as
+        dicts (text column decoded), each row's reader error, and the per-row overrides."""
+        table = read_unit(unit)
+        row_errors: list[str | None] = [None] * table.num_rows
+        if ROW_ERROR_COLUMN in table.column_names:  # lines the reader could not parse
+            row_errors = table.column(ROW_ERROR_COLUMN).to_pylist()
+            table = table.drop_columns([ROW_ERROR_COLUMN])
+        overrides, row_opts = self._overrides(unit, table, row_errors)
+        if overrides is not None:
+            table = table.drop_columns([c for c in OVERRIDE_COLUMNS if c in table.column_names])
+        rows = table.to_pylist()
+        if self.prompt_cfg.text_column is not None:
+            for row, v in zip(rows, text_values(table, self.prompt_cfg.text_column, unit.file.uri)):
+                row[self.prompt_cfg.text_column] = v
+        return table, rows, row_errors, overrides, row_opts
 
     def _overrides(self, unit: WorkUnit, table: pa.Table, row_errors: list[str | None]
                    ) -> tuple[list[dict[str, Any]] | None, list[RequestOptions | None]]:

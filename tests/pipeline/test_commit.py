@@ -150,3 +150,44 @@ def test_engine_rejected_rows_become_row_errors(tmp_path, units, tokenizer_dir) 
     assert t.column("finish_reason").to_pylist() == ["error", "error"]
     res2 = runner.run(units[2])  # row "epsilon": first prompt of that call, rejected too; the unit still commits
     assert res2.rows == 1 and os.path.exists(f"{uri}/part-{units[2].unit_id}.parquet")
+
+
+def test_units_in_flight_prepare_one_at_a_time(tmp_path, tokenizer_dir) -> None:
+    """An actor starts several units at once: each reads and builds its prompts in turn, so the
+    first unit's prompts reach the engine after one unit's preparation, not after all of them."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(pa.table({"id": list(range(12)), "text": [f"row {i}" for i in range(12)]}), src / "a.parquet",
+                   row_group_size=3)
+    files = list_input_files(str(src))
+    units = plan_units(files, read_footers(files), 3)
+    spans, calls, lock = [], [], threading.Lock()
+
+    def generate(prompts, seeds):
+        with lock:
+            calls.append(time.perf_counter())
+        return echo_generate(prompts, seeds)
+
+    runner = UnitRunner(PromptConfig(kind="generate", chat=False), OutputConfig(str(tmp_path / "out")),
+                        SamplingConfig(max_new_tokens=4), load_codec(tokenizer_dir), 1000, generate)
+    build = runner.prompts.build_batch
+
+    def slow_build(rows):
+        t = time.perf_counter()
+        time.sleep(0.1)  # stands in for a unit's tokenization
+        out = build(rows)
+        with lock:
+            spans.append((t, time.perf_counter()))
+        return out
+
+    runner.prompts.build_batch = slow_build
+    with ThreadPoolExecutor(len(units)) as ex:
+        results = list(ex.map(runner.run, units))
+    assert len(units) == 4 and sum(r.rows for r in results) == 12 and len(calls) == 4
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # never two at once
+    assert min(calls) < spans[-1][0]  # the first unit generated before the last began its prompts

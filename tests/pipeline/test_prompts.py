@@ -43,6 +43,61 @@ def test_truncation_policies_fit_the_limit_and_mark_the_row(codec, policy) -> No
         assert "word0" in text and "word299" in text and MIDDLE_MARK.strip() in text
 
 
+def _fit_one_row_at_a_time(b: PromptBuilder, codec, row: dict, body: str, n_tokens: int):
+    """The truncation loop as it ran per row before prompts were fitted in batches: cut the excess,
+    re-encode, cut again by what is still over (at most 8 rounds)."""
+    ids = codec.encode_fragment(body)
+    cut = n_tokens - b.limit
+    for _ in range(8):
+        keep = len(ids) - cut
+        if keep <= 0:
+            return None
+        if b.cfg.truncation == "head":
+            text = codec.decode_fragment(ids[len(ids) - keep:])
+        elif b.cfg.truncation == "tail":
+            text = codec.decode_fragment(ids[:keep])
+        else:
+            head = (keep + 1) // 2
+            text = (codec.decode_fragment(ids[:head]) + MIDDLE_MARK + codec.decode_fragment(ids[len(ids) - (keep - head):])
+                    if keep > 1 else codec.decode_fragment(ids[:1]))
+        got = b.encode(row, text)
+        if len(got) <= b.limit:
+            return got
+        cut += len(got) - b.limit
+    return None
+
+
+@pytest.mark.parametrize("policy", ["head", "middle", "tail"])
+@pytest.mark.parametrize("chat", [False, True])
+def test_batched_truncation_matches_one_row_at_a_time(codec, policy, chat) -> None:
+    """A unit's long rows are cut in batches; each must get the prompt the per-row loop gives,
+    whatever its length, and rows under the limit stay as they are."""
+    import random
+    rng = random.Random(3)
+    vocab = ["alpha", "beta,", "gamma.", "naïve", "über", "1234", "x", "(y)", "—", "日本語", "\n", "don't"]
+    rows = [{"text": " ".join(rng.choice(vocab) for _ in range(rng.choice([5, 40, 90, 300, 700])))}
+            for _ in range(40)]
+    b = PromptBuilder(PromptConfig(kind="summarize", chat=chat, max_input_tokens=100, truncation=policy), codec, 10_000)
+    got = b.build_batch(rows)
+    assert sum(p.truncated for p in got) >= 15 and sum(not p.truncated for p in got) >= 5
+    for row, p in zip(rows, got):
+        n = len(b.encode(row, row["text"]))
+        if n <= 100:
+            assert p.token_ids == b.encode(row, row["text"]) and not p.truncated
+        else:
+            assert p.truncated and p.token_ids == _fit_one_row_at_a_time(b, codec, row, row["text"], n)
+
+
+def test_batched_truncation_keeps_row_errors_apart(codec) -> None:
+    """A template that fails only once the text is cut fails its own row, not the batch."""
+    cfg = PromptConfig(kind="template", text_column="body", chat=False, max_input_tokens=40, truncation="tail",
+                       template="{{ body }}{% if 'word299' not in body %}{{ 1 / 0 }}{% endif %}")
+    b = PromptBuilder(cfg, codec, 10_000)
+    ok, fails = b.build_batch([{"body": "word299 fits"}, {"body": LONG}])  # tail cuts lose word299
+    assert ok.error is None and not ok.truncated
+    assert fails.token_ids is None and "ZeroDivisionError" in fails.error
+
+
 def test_engine_limit_applies_and_error_policy(codec) -> None:
     b = PromptBuilder(PromptConfig(kind="generate", chat=False), codec, 50)
     short, long_ = b.build_batch([{"text": "short text"}, {"text": LONG}])
