@@ -183,7 +183,8 @@ def profile_steps(engine: Engine, out_path: str) -> str:
         if title == "S":
             engine.step()  # warm
             torch.cuda.synchronize()
-            tables.append(profiled("PREFILL STEP (16 x 1024 tokens)"))
+            per_step = engine.config.max_batch_tokens // plen  # prompts of one prefill step
+            tables.append(profiled(f"PREFILL STEP ({per_step} x {plen} tokens)"))
             tables.append(loop("PREFILL LOOP (S)", 5))
         until_decode()
         tables.append(profiled(f"DECODE STEP ({title}: batch {n}, context ~{plen + 128 + 2})"))

@@ -4,6 +4,8 @@
 #   bash jobs/bench/h200.sh engine     GPU tests of the engine and kernels, the fused kernels against
 #                                      the torch ops they replace, S, M, G, L and a step profile, then
 #                                      loading the checkpoint in a warm and in fresh processes
+#   bash jobs/bench/h200.sh scan       the prefill scan's launch configs at 16, 32 and 64 sequences of 1,024
+#                                      tokens (32 is a default prefill step's; about 2 minutes)
 #   bash jobs/bench/h200.sh prefill    M and S at 32,768 prompt tokens per prefill step (the engine's
 #                                      default), 16,384 and 65,536, same run
 #   bash jobs/bench/h200.sh baselines  S and G beside transformers generate (the cache that won before)
@@ -37,6 +39,13 @@ case "${1:-}" in
       --profile "$OUT/profile.txt" --json-out "$OUT/engine.json" 2>&1 | grep -E "\||LOOP|WARNING"
     timeout 70 python3 -m hymba_batch.jobs.bench.load --json-out "$OUT/load.json" 2>&1 | tail -1
     ;;
+  scan)  # which BLOCK_E / warps / unrolling each prefill step's shape wants
+    for s in 16 32 64; do
+      timeout 150 python3 -m hymba_batch.jobs.bench.kernels --seqs $s --seqlen 1024 --decode-B 1 --only scan_varlen \
+        --sweep --no-ref > "$OUT/scan-sweep-$s.txt" 2>&1
+      tail -1 "$OUT/scan-sweep-$s.txt" > "$OUT/scan-sweep-$s.json"; grep "^scan_varlen" "$OUT/scan-sweep-$s.txt"
+    done
+    ;;
   prefill)  # tokens per prefill step around the engine's default
     timeout 400 python3 -m hymba_batch.jobs.bench.engine --workloads M,S --repeats 1 \
       --variants "max_batch_tokens=16384;max_batch_tokens=65536" --json-out "$OUT/engine-prefill-tokens.json" 2>&1 | grep "|"
@@ -60,5 +69,5 @@ case "${1:-}" in
       --cold-start --json-out "$OUT/cold-start.json" 2>&1 | tee "$OUT/cold-start.log" | grep "|" \
       || tail -20 "$OUT/cold-start.log"
     ;;
-  *) echo "usage: $0 engine|prefill|baselines|enrich|pipeline|coldstart" >&2; exit 2 ;;
+  *) echo "usage: $0 engine|scan|prefill|baselines|enrich|pipeline|coldstart" >&2; exit 2 ;;
 esac

@@ -341,9 +341,6 @@ def main() -> None:
         record("scan_varlen", f"[{T},{E}] N{N}", nbytes,
                lambda: _scan_triton.selective_scan_varlen_triton(*args, s1, slots),
                lambda: selective_scan_varlen_ref(*args, s2, slots), ext=ext, err=err, sweep=sweep)
-        with override(_scan_triton.SCAN_CONFIG, HW_MATH=False):  # the softplus and gate as IEEE ops
-            record("scan_varlen ieee math", f"[{T},{E}] N{N}", nbytes,
-                   lambda: _scan_triton.selective_scan_varlen_triton(*args, s1, slots))
         del u, delta, P, z, Bm, Cm, sst, s1, s2, got
 
     # ---- selective state update (decode), on an fp32 and on a bf16 state pool
