@@ -333,10 +333,11 @@ def main() -> None:
                 mu, md, A, mB, mC, D_.float(), mz, db.float(), delta_softplus=True, return_last_state=True))
         else:
             ext = ("selective_scan_fn", mamba["selective_scan_fn"])
-        sweep = [(f"BE{be} w{nw} unroll{int(un)}", (lambda be=be, nw=nw, un=un: override(
-            _scan_triton.SCAN_CONFIG, BLOCK_E=be, num_warps=nw, UNROLL4=un)))
-            for be in (16, 32, 64, 128) for nw in (1, 2, 4) for un in (True, False)
-            if be * N // (32 * nw) >= 2]
+        # B and C prefetched 8 steps ahead (PREFETCH_BC) cost ~256 registers a thread: sm_90
+        # builds spill at 32 and 64 channels a warp; loaded at use, none spills
+        sweep = [(f"BE{be} w{nw} unroll{int(un)} prefetch_bc{int(pf)}", (lambda be=be, nw=nw, un=un, pf=pf: override(
+            _scan_triton.SCAN_CONFIG, BLOCK_E=be, num_warps=nw, UNROLL4=un, PREFETCH_BC=pf)))
+            for be in (16, 32, 64) for nw in (1, 2) for un, pf in ((True, True), (True, False), (False, True))]
         nbytes = 4 * T * E * esz + 2 * T * N * esz + 2 * Bs * E * N * 4
         record("scan_varlen", f"[{T},{E}] N{N}", nbytes,
                lambda: _scan_triton.selective_scan_varlen_triton(*args, s1, slots),

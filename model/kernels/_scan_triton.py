@@ -7,7 +7,11 @@ goes back to the fp32 pool ``state[slot]``. Each step loads ``BLOCK_E`` values o
 (contiguous along channels) and the ``N`` values of B and C. The loop runs in groups of four
 steps with the next group's loads issued before the current group is computed, so several steps
 of loads are in flight while the recurrence (a dependency chain) runs, and without per-step tail
-masks; a plain loop does the last < 4 steps. ``exp(dt*A)`` is ``exp2(dt * (A*log2 e))`` with the
+masks; a plain loop does the last < 4 steps. With ``PREFETCH_BC`` off only u, delta and z are
+loaded ahead and B, C at use: every thread holds all N of them, so eight steps ahead cost ~256
+registers, and the sm_90 builds of 32 and 64 channels a warp spill (Triton 3.6, static: 64
+channels on one warp 255 registers, 648 bytes of stack and 70 local loads and stores in the loop
+per four steps; B and C at use, 252 registers and none). ``exp(dt*A)`` is ``exp2(dt * (A*log2 e))`` with the
 pre-scale done once per program (it compiles to ``ex2.approx``; inline ``ex2.approx.ftz`` PTX
 measured the same). The work is issue/exp-bound (N exps per channel per token), not
 bandwidth-bound: 64 x 1024 tokens take ~2.5 ms on an H200 (~0.7 TB/s of the minimum bytes).
@@ -68,8 +72,17 @@ def _silu(z, HW_MATH: tl.constexpr):
 
 
 @triton.jit
+def _load_bc(t, end, b_row, c_row, stride_bt, stride_ct, offs_n, N):
+    """Step t's B and C [BLOCK_N] in fp32 (zeros past the end)."""
+    mn = offs_n < tl.where(t < end, N, 0)
+    b = tl.load(b_row + t * stride_bt, mask=mn, other=0.0).to(tl.float32)
+    c = tl.load(c_row + t * stride_ct, mask=mn, other=0.0).to(tl.float32)
+    return b, c
+
+
+@triton.jit
 def _load_step(t, end, u_row, d_row, z_row, b_row, c_row, stride_ut, stride_dt, stride_zt,
-               stride_bt, stride_ct, offs_e, E, offs_n, N):
+               stride_bt, stride_ct, offs_e, E, offs_n, N, WITH_BC: tl.constexpr = True):
     """Step t's u, delta, z [BLOCK_E] and B, C [BLOCK_N] in fp32 (zeros past the end); the
     ``*_row`` arguments are pointer vectors of token 0."""
     # (masks built as `offs < limit` rather than `mask & scalar_bool`: the Triton 3.9
@@ -80,8 +93,12 @@ def _load_step(t, end, u_row, d_row, z_row, b_row, c_row, stride_ut, stride_dt, 
     u = tl.load(u_row + t * stride_ut, mask=me, other=0.0).to(tl.float32)
     d = tl.load(d_row + t * stride_dt, mask=me, other=0.0).to(tl.float32)
     z = tl.load(z_row + t * stride_zt, mask=me, other=0.0).to(tl.float32)
-    b = tl.load(b_row + t * stride_bt, mask=mn, other=0.0).to(tl.float32)
-    c = tl.load(c_row + t * stride_ct, mask=mn, other=0.0).to(tl.float32)
+    if WITH_BC:
+        b = tl.load(b_row + t * stride_bt, mask=mn, other=0.0).to(tl.float32)
+        c = tl.load(c_row + t * stride_ct, mask=mn, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros_like(offs_n).to(tl.float32)
+        c = b
     return u, d, z, b, c
 
 
@@ -107,7 +124,7 @@ def _scan_varlen_kernel(u_ptr, d_ptr, z_ptr, y_ptr, A_ptr, B_ptr, C_ptr, D_ptr, 
                         stride_ae, stride_an, stride_bt, stride_bn, stride_ct, stride_cn,
                         stride_ss, stride_se, stride_sn,
                         BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL4: tl.constexpr,
-                        HW_MATH: tl.constexpr):
+                        HW_MATH: tl.constexpr, PREFETCH_BC: tl.constexpr):
     b = tl.program_id(0)
     pid_e = tl.program_id(1)
     start = tl.load(cu_ptr + b).to(tl.int64)   # int64 token offsets: T * row stride may
@@ -139,32 +156,40 @@ def _scan_varlen_kernel(u_ptr, d_ptr, z_ptr, y_ptr, A_ptr, B_ptr, C_ptr, D_ptr, 
         t_rem = start + ((end - start) // 4) * 4
         u0, d0, z0, b0, c0 = _load_step(start, t_rem,
             u_row, d_row, z_row, b_row, c_row, stride_ut, stride_dt, stride_zt, stride_bt,
-            stride_ct, offs_e, E, offs_n, N)
+            stride_ct, offs_e, E, offs_n, N, PREFETCH_BC)
         u1, d1, z1, b1, c1 = _load_step(start + 1, t_rem,
             u_row, d_row, z_row, b_row, c_row, stride_ut, stride_dt, stride_zt, stride_bt,
-            stride_ct, offs_e, E, offs_n, N)
+            stride_ct, offs_e, E, offs_n, N, PREFETCH_BC)
         u2, d2, z2, b2, c2 = _load_step(start + 2, t_rem,
             u_row, d_row, z_row, b_row, c_row, stride_ut, stride_dt, stride_zt, stride_bt,
-            stride_ct, offs_e, E, offs_n, N)
+            stride_ct, offs_e, E, offs_n, N, PREFETCH_BC)
         u3, d3, z3, b3, c3 = _load_step(start + 3, t_rem,
             u_row, d_row, z_row, b_row, c_row, stride_ut, stride_dt, stride_zt, stride_bt,
-            stride_ct, offs_e, E, offs_n, N)
+            stride_ct, offs_e, E, offs_n, N, PREFETCH_BC)
         for t in range(start, t_rem, 4):
             nu0, nd0, nz0, nb0, nc0 = _load_step(t + 4, t_rem,
                 u_row, d_row, z_row, b_row, c_row, stride_ut, stride_dt, stride_zt, stride_bt,
-                stride_ct, offs_e, E, offs_n, N)
+                stride_ct, offs_e, E, offs_n, N, PREFETCH_BC)
             nu1, nd1, nz1, nb1, nc1 = _load_step(t + 5, t_rem,
                 u_row, d_row, z_row, b_row, c_row, stride_ut, stride_dt, stride_zt, stride_bt,
-                stride_ct, offs_e, E, offs_n, N)
+                stride_ct, offs_e, E, offs_n, N, PREFETCH_BC)
             nu2, nd2, nz2, nb2, nc2 = _load_step(t + 6, t_rem,
                 u_row, d_row, z_row, b_row, c_row, stride_ut, stride_dt, stride_zt, stride_bt,
-                stride_ct, offs_e, E, offs_n, N)
+                stride_ct, offs_e, E, offs_n, N, PREFETCH_BC)
             nu3, nd3, nz3, nb3, nc3 = _load_step(t + 7, t_rem,
                 u_row, d_row, z_row, b_row, c_row, stride_ut, stride_dt, stride_zt, stride_bt,
-                stride_ct, offs_e, E, offs_n, N)
+                stride_ct, offs_e, E, offs_n, N, PREFETCH_BC)
+            if not PREFETCH_BC:  # B and C at use: 8 steps of them held take ~256 registers a thread
+                b0, c0 = _load_bc(t, t_rem, b_row, c_row, stride_bt, stride_ct, offs_n, N)
             h = _step(h, t, u0, d0, z0, b0, c0, A2, Dv, dbias, y_row, stride_yt, mask_e, HW_MATH)
+            if not PREFETCH_BC:
+                b1, c1 = _load_bc(t + 1, t_rem, b_row, c_row, stride_bt, stride_ct, offs_n, N)
             h = _step(h, t + 1, u1, d1, z1, b1, c1, A2, Dv, dbias, y_row, stride_yt, mask_e, HW_MATH)
+            if not PREFETCH_BC:
+                b2, c2 = _load_bc(t + 2, t_rem, b_row, c_row, stride_bt, stride_ct, offs_n, N)
             h = _step(h, t + 2, u2, d2, z2, b2, c2, A2, Dv, dbias, y_row, stride_yt, mask_e, HW_MATH)
+            if not PREFETCH_BC:
+                b3, c3 = _load_bc(t + 3, t_rem, b_row, c_row, stride_bt, stride_ct, offs_n, N)
             h = _step(h, t + 3, u3, d3, z3, b3, c3, A2, Dv, dbias, y_row, stride_yt, mask_e, HW_MATH)
             u0, d0, z0, b0, c0 = nu0, nd0, nz0, nb0, nc0
             u1, d1, z1, b1, c1 = nu1, nd1, nz1, nb1, nc1
@@ -232,9 +257,9 @@ def _check(u, delta, A, B, C, D, z, delta_bias, state):
     return E, N
 
 
-# Launch parameters (None = chosen per call, see _scan_launch). The benchmark
-# (jobs/bench/kernels.py) overrides them to compare variants.
-SCAN_CONFIG = {"BLOCK_E": None, "num_warps": None, "UNROLL4": True}
+# Launch parameters (None = chosen per call, see _scan_launch) and PREFETCH_BC (see the module
+# docstring). The benchmark (jobs/bench/kernels.py) overrides them to compare variants.
+SCAN_CONFIG = {"BLOCK_E": None, "num_warps": None, "UNROLL4": True, "PREFETCH_BC": True}
 UPDATE_CONFIG = {"BLOCK_E": 128, "num_warps": 2}
 
 
@@ -284,7 +309,7 @@ def selective_scan_varlen_triton(u, delta, A, B, C, D, z, delta_bias, cu_seqlens
         A.stride(0), A.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
         state.stride(0), state.stride(1), state.stride(2),
         BLOCK_E=block_e, BLOCK_N=triton.next_power_of_2(N), UNROLL4=SCAN_CONFIG["UNROLL4"],
-        HW_MATH=_hw_math(), num_warps=num_warps)
+        HW_MATH=_hw_math(), PREFETCH_BC=SCAN_CONFIG["PREFETCH_BC"], num_warps=num_warps)
     return y
 
 

@@ -89,7 +89,7 @@ def test_scan_varlen_interpreter_odd_state_int32_slots(kernel_device):
                       slot_dtype=torch.int32, sliced=False)
 
 
-@pytest.mark.parametrize("cfg", [{"UNROLL4": False}, {"BLOCK_E": 64, "num_warps": 2}], ids=str)
+@pytest.mark.parametrize("cfg", [{"UNROLL4": False}, {"BLOCK_E": 64, "num_warps": 2}, {"PREFETCH_BC": False}], ids=str)
 def test_scan_varlen_interpreter_launch_configs(kernel_device, monkeypatch, cfg):
     # the plain-loop variant; a channel block wider than E (masked lanes), as on the GPU
     from hymba_batch.model.kernels import _scan_triton
@@ -134,6 +134,18 @@ def test_scan_varlen_gpu(kernel_device, dtype):
     lengths = random_lengths(64, 2048, gen)
     # the state pool in the activations' dtype, as the engine keeps it by default
     check_scan_varlen(kernel_device, dtype, lengths, E=3200, N=16, pool=96, seed=1, state_dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [{"PREFETCH_BC": False}, {"BLOCK_E": 32, "PREFETCH_BC": False},
+                                 {"BLOCK_E": 64, "num_warps": 2, "PREFETCH_BC": False}], ids=str)
+def test_scan_varlen_gpu_launch_configs(kernel_device, monkeypatch, cfg):
+    # the launch configs the kernels bench sweeps, compiled (32 sequences: a default prefill step's)
+    from hymba_batch.model.kernels import _scan_triton
+    for k, v in cfg.items():
+        monkeypatch.setitem(_scan_triton.SCAN_CONFIG, k, v)
+    lengths = random_lengths(32, 1024, torch.Generator().manual_seed(4))
+    check_scan_varlen(kernel_device, torch.bfloat16, lengths, E=3200, N=16, pool=40, seed=5, state_dtype=torch.bfloat16)
 
 
 @pytest.mark.gpu
