@@ -158,6 +158,7 @@ class InferenceActor:
     """One engine, many units. Ray wraps this class (see ``pool``)."""
 
     def __init__(self, cfg: ActorConfig) -> None:
+        t0 = time.perf_counter()
         import torch
 
         from hymba_batch.model import load_model
@@ -166,6 +167,7 @@ class InferenceActor:
         from hymba_batch.model.loader import resolve_checkpoint
 
         self.cfg = cfg
+        t_import = time.perf_counter()
         if cfg.cpu_threads:
             torch.set_num_threads(cfg.cpu_threads)
         cuda = torch.cuda.is_available()
@@ -178,7 +180,9 @@ class InferenceActor:
         if device == "cuda" and seed and kernel_cache:  # the image's precompiled kernels (infra/Dockerfile)
             from hymba_batch.model.precompile import seed_cache
             seed_cache(seed, kernel_cache)
+        t_resolve = time.perf_counter()
         self.model = load_model(folder, device=device, dtype=getattr(torch, dtype_name))
+        t_load = time.perf_counter()
         ekw: dict = {"memory_fraction": cfg.memory_fraction}
         if cfg.cache_budget_bytes:
             ekw["memory_budget_bytes"] = cfg.cache_budget_bytes
@@ -197,6 +201,7 @@ class InferenceActor:
         if prompt_limit < 1:
             raise RuntimeError(f"the engine cache holds {capacity} tokens per sequence, not enough for "
                                f"task.max_new_tokens={cfg.sampling.max_new_tokens}; raise model.cache_budget_mb")
+        t_engine = time.perf_counter()
         self.codec = load_codec(folder)
         if cfg.prompt.chat and not self.codec.has_chat_template:
             raise RuntimeError(f"task.chat is true but {cfg.model_path} has no chat template")
@@ -211,6 +216,12 @@ class InferenceActor:
         self.identity = {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id() or "",
                          "pid": str(os.getpid()), "device": device}
         self.metrics = ActorMetrics(cfg.job_id, actor_label(self.identity["actor_id"]), self.engine.snapshot)
+        # where this actor's start went (its share of the job's start_s; Ray's own worker start
+        # and the unpickling of this class come before and are not in it)
+        self.start_split = {"import_s": t_import - t0,
+                            "resolve_s": t_resolve - t_import,  # the checkpoint's folder, the kernel cache
+                            "load_s": t_load - t_resolve, "engine_s": t_engine - t_load,
+                            "tokenizer_s": time.perf_counter() - t_engine}
 
     def _generate(self, prompts: list[list[int]], seeds: list[int],
                   options: list[RequestOptions] | None = None) -> list[Generation]:
@@ -268,7 +279,8 @@ class InferenceActor:
     def info(self) -> dict[str, str]:
         """Where this actor runs (node, pid, device) and its engine's sequence slots."""
         return dict(self.identity, dtype=self.dtype, max_prompt_tokens=str(self.engine.max_prompt_tokens),
-                    slots=str(self.engine.cache.shape.num_slots - 1))
+                    slots=str(self.engine.cache.shape.num_slots - 1),
+                    **{f"start_{k}": f"{v:.3f}" for k, v in self.start_split.items()})
 
     def process(self, unit: WorkUnit) -> UnitResult:
         """Run one unit; the output file is committed when this returns."""

@@ -88,6 +88,7 @@ if sys.argv[2] == "thread":  # CUDA's start in a thread while the rest imports: 
     cuda.start()
 from hymba_batch.model import load_model
 from hymba_batch.model.engine import Engine, EngineConfig, SamplingParams
+t_engine = time.perf_counter()
 from hymba_batch.pipeline.tokenizer import load_codec
 codec = load_codec(sys.argv[1])
 t1 = time.perf_counter()
@@ -104,7 +105,8 @@ engine.generate([[1] + list(range(100, 900))] * 8 + [[1] + list(range(5, 300))] 
                 SamplingParams(max_new_tokens=4, ignore_eos=True))
 torch.cuda.synchronize()
 t4 = time.perf_counter()
-print(json.dumps({"import_torch_s": t_torch - t0, "import_s": t1 - t0, "cuda_init_s": t_cuda - t1,
+print(json.dumps({"import_torch_s": t_torch - t0, "import_engine_s": t_engine - t_torch,
+                  "import_tokenizer_s": t1 - t_engine, "import_s": t1 - t0, "cuda_init_s": t_cuda - t1,
                   "load_s": t2 - t_cuda, "engine_init_s": t3 - t2, "first_batch_s": t4 - t3, "total_s": t4 - t0}))
 """
 
@@ -254,7 +256,8 @@ def main() -> None:
                  "vs_engine_only": (a.rows / dt) / base["rows_per_s"],
                  "vs_engine_only_with_load": (a.rows / dt) / base["rows_per_s_with_load"],
                  "completion_tokens": summary.completion_tokens, "prompt_tokens": summary.prompt_tokens,
-                 "time_split": summary.time_split}
+                 "time_split": summary.time_split,
+                 "actor_start": [{k: v for k, v in i.items() if k.startswith("start_")} for i in summary.actors]}
             runs.append(r)
             result["runs"] = runs
             dump()

@@ -71,6 +71,10 @@ def test_report_of_a_finished_job(ray_cluster, tiny_checkpoint, tmp_path, capsys
     assert ph["source"] == "driver" and ph["start_s"] > 0 and ph["steady_s"] >= 0 and ph["tail_s"] >= 0
     assert [ph[k] for k in ("start_s", "steady_s", "tail_s")] == \
         pytest.approx([summary.time_split[k] for k in ("start_s", "steady_s", "tail_s")])
+    # the actor's own part of the start, in its info: imports, checkpoint, load, engine, tokenizer
+    split = {k: float(v) for k, v in summary.actors[0].items() if k.startswith("start_")}
+    assert set(split) == {"start_import_s", "start_resolve_s", "start_load_s", "start_engine_s", "start_tokenizer_s"}
+    assert all(v >= 0 for v in split.values()) and 0 < sum(split.values()) < ph["start_s"]
 
     hist = json.loads((out / "_hymba" / "history.json").read_text())
     (run,) = hist["runs"]
