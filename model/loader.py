@@ -85,21 +85,30 @@ def download_s3_checkpoint(uri: str) -> Path:
                 objects.append((obj["Key"], rel, obj["Size"], obj["ETag"].strip('"')))
     if not objects:
         raise CheckpointError(f"{uri}: no objects under this prefix")
-    record_path = dest / ".hymba-s3.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {}
     for key, rel, size, etag in objects:
-        local = dest / rel
-        if local.exists() and local.stat().st_size == size and record.get(rel) == etag:
-            continue
-        tmp = dest / f".{rel}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"  # actors share the cache
+        local, etag_file = dest / rel, dest / f".{rel}.etag"  # each file's ETag beside it: actors
+        if local.exists() and local.stat().st_size == size and _read_etag(etag_file) == etag:  # share
+            continue  # the cache, and one record per file needs no merging of their writes
+        tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+        tmp = dest / f".{rel}.{tag}"
         s3.download_file(bucket, key, str(tmp))
-        if tmp.stat().st_size != size:
+        got = tmp.stat().st_size
+        if got != size:
             tmp.unlink()
-            raise CheckpointError(f"{uri}{rel}: downloaded {tmp.stat().st_size} bytes, expected {size}")
+            raise CheckpointError(f"{uri}{rel}: downloaded {got} bytes, expected {size}")
         tmp.replace(local)
-        record[rel] = etag
-        record_path.write_text(json.dumps(record))
+        tmp = dest / f".{rel}.etag.{tag}"
+        tmp.write_text(etag)
+        tmp.replace(etag_file)  # atomic: an actor reading it never sees a half-written ETag
     return dest
+
+
+def _read_etag(path: Path) -> str | None:
+    """The ETag a file was mirrored with (None when unknown: the file is fetched again)."""
+    try:
+        return path.read_text() or None
+    except OSError:
+        return None
 
 
 def expected_shapes(cfg: HymbaConfig) -> dict[str, tuple[int, ...]]:

@@ -131,6 +131,22 @@ def test_s3_checkpoint_downloaded_once_and_reused(tmp_path, tiny_ckpt, monkeypat
         mtime = weights.stat().st_mtime_ns
         load_model("s3://models/hymba/tiny")  # second time: nothing downloaded again
         assert weights.stat().st_mtime_ns == mtime
+        # an ETag record left empty (an actor read the old shared record while another wrote it)
+        # means "verify again": the file is fetched anew, never an error
+        (cached / ".model.safetensors.etag").write_text("")
+        load_model("s3://models/hymba/tiny")
+        assert weights.stat().st_mtime_ns != mtime
+        names = {f.name for f in tiny_ckpt.iterdir()}
+        # actors of one node mirror the same checkpoint at once
+        shutil.rmtree(tmp_path / "cache")
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(4) as ex:
+            assert all(m.config.num_hidden_layers == 7
+                       for m in ex.map(lambda _: load_model("s3://models/hymba/tiny/"), range(4)))
+        assert {p.name for p in cached.iterdir()} == names | {f".{n}.etag" for n in names}  # no .part left
+        mtime = weights.stat().st_mtime_ns
+        load_model("s3://models/hymba/tiny")
+        assert weights.stat().st_mtime_ns == mtime  # every file recorded: nothing fetched again
         s3.put_object(Bucket="models", Key="hymba/tiny/model.safetensors", Body=b"garbage")
         with pytest.raises(CheckpointError, match="not a readable safetensors file"):
             load_model("s3://models/hymba/tiny/")  # changed ETag: re-downloaded, then rejected
