@@ -116,7 +116,7 @@ class RowRequests:
         got = self._grammars.get(schema)
         if got is None:
             try:
-                got = JsonGrammar(json.loads(schema), self.codec.tok, self.vocab_size,
+                got = JsonGrammar(json.loads(schema), self.codec.hf, self.vocab_size,
                                   where="body.response_format.json_schema.schema")
             except SchemaError as e:
                 got = ValueError(str(e))
@@ -152,7 +152,7 @@ class Enricher:
 
             schema = json.loads(cfg.json_schema)
             self.arrow = arrow_type(schema)
-            self.grammar = JsonGrammar(schema, codec.tok, vocab_size)
+            self.grammar = JsonGrammar(schema, codec.hf, vocab_size)
         self.label_ids: list[list[int]] = []
         if cfg.kind == "classify":
             check_labels(cfg.labels)

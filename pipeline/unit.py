@@ -120,9 +120,9 @@ class UnitRunner:
                  generate_stats: Callable[[], dict[str, float]] | None = None,
                  enrich: EnrichConfig | None = None, vocab_size: int | None = None) -> None:
         self.prompts = PromptBuilder(prompt_cfg, codec, engine_limit)
-        self.enricher = (Enricher(enrich, codec, vocab_size or len(codec.tok), sampling.max_new_tokens,
+        self.enricher = (Enricher(enrich, codec, vocab_size or codec.vocab_size, sampling.max_new_tokens,
                                   chat=prompt_cfg.chat) if enrich is not None and enrich.active else None)
-        self.row_requests = RowRequests(codec, vocab_size or len(codec.tok))  # a reader's per-row options
+        self.row_requests = RowRequests(codec, vocab_size or codec.vocab_size)  # a reader's per-row options
         self.prompt_cfg, self.output, self.sampling = prompt_cfg, output, sampling
         self.codec, self.generate, self.before_write = codec, generate, before_write
         self.generate_stats = generate_stats  # engine counters after a generate call (into timings)

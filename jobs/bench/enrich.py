@@ -139,7 +139,7 @@ def main() -> None:
                     "model": "random weights, " + ("tiny config, fp32" if a.tiny else "real Hymba-1.5B config, bf16"),
                     "settings": vars(a)}
     t0 = time.perf_counter()
-    grammars = {name: JsonGrammar(s, codec.tok, cfg.vocab_size) for name, s in schemas(a.items).items()}
+    grammars = {name: JsonGrammar(s, codec.hf, cfg.vocab_size) for name, s in schemas(a.items).items()}
     result["grammar_compile_s"] = time.perf_counter() - t0
     warm = prompts_for(min(64, a.prompts), a.prompt_tokens, seed=9)
     engine.generate(warm, SamplingParams(max_new_tokens=16, ignore_eos=True))

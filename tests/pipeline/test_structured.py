@@ -117,7 +117,7 @@ def test_messages_become_chat_prompts(tokenizer_dir) -> None:
                                    system="Be brief."), codec, 1000)
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "?"}]
     good, bad, long = b.build_batch([{"m": chat}, {"m": [{"role": "user"}]}, {"m": [{"role": "user", "content": "x " * 2000}]}])
-    text = codec.tok.decode(good.token_ids)
+    text = codec.decode_fragment(good.token_ids)
     assert text.startswith("<extra_id_0>System\nBe brief.") and text.endswith("<extra_id_1>Assistant\n")
     assert "User\nhi" in text and "Assistant\nyo" in text
     assert "message 0 is not a {role, content}" in bad.error
