@@ -127,8 +127,9 @@ class UnitRunner:
         self.codec, self.generate, self.before_write = codec, generate, before_write
         self.generate_stats = generate_stats  # engine counters after a generate call (into timings)
         self.out = resolve(output.parts_uri)
-        # One unit reads and builds its prompts at a time: an actor starts several units at once,
-        # and interleaved (the GIL) they would all reach the engine only when the last is ready.
+        # One unit turns its rows into prompts at a time (they read their files at once): an actor
+        # starts several units together, and interleaved under the GIL they would all reach the
+        # engine only when the last is ready.
         self._prepare = threading.Lock()
 
     def committed(self, unit: WorkUnit) -> UnitResult | None:
@@ -148,10 +149,14 @@ class UnitRunner:
             return done
         cfg, id_col = self.prompt_cfg, self.output.id_column
         map_reduce = cfg.long_input == "map_reduce"  # long texts summarized in pieces (pipeline/longdoc.py)
+        t0 = time.perf_counter()
+        table = read_unit(unit)  # I/O: the units in flight read at once
+        read_s = time.perf_counter() - t0
         with self._prepare:
             t0 = time.perf_counter()
-            table, rows, row_errors, overrides, row_opts = self._read(unit)
+            table, rows, row_errors, overrides, row_opts = self._rows(unit, table)
             t1 = time.perf_counter()
+            read_s += t1 - t0
             if not map_reduce:
                 prompts = self.prompts.build_batch(rows)
         chunks: list[int | None] = []
@@ -214,7 +219,7 @@ class UnitRunner:
         row_fields = (("samples",) if self.sampling.n > 1 else ()) + (("chunks",) if map_reduce else ())
         out = output_table(table, results, unit, self.output.mode, id_col, extra, row_fields)
         t4 = time.perf_counter()
-        res.timings = {"read_s": t1 - t0, "prompt_s": t2 - t1, "generate_s": t3 - t2,
+        res.timings = {"read_s": read_s, "prompt_s": t2 - t1, "generate_s": t3 - t2,
                        "build_s": t4 - t3}
         if todo and self.generate_stats is not None:
             res.timings.update(self.generate_stats())
@@ -227,11 +232,10 @@ class UnitRunner:
         res.timings["write_s"] = time.perf_counter() - t5
         return res
 
-    def _read(self, unit: WorkUnit) -> tuple[pa.Table, list[dict[str, Any]], list[str | None],
-                                            list[dict[str, Any]] | None, list[RequestOptions | None]]:
+    def _rows(self, unit: WorkUnit, table: pa.Table) -> tuple[pa.Table, list[dict[str, Any]], list[str | None],
+                                                              list[dict[str, Any]] | None, list[RequestOptions | None]]:
         """The unit's table (reader error and request-override columns dropped), its rows as
         dicts (text column decoded), each row's reader error, and the per-row overrides."""
-        table = read_unit(unit)
         row_errors: list[str | None] = [None] * table.num_rows
         if ROW_ERROR_COLUMN in table.column_names:  # lines the reader could not parse
             row_errors = table.column(ROW_ERROR_COLUMN).to_pylist()
