@@ -527,6 +527,9 @@ def _execute(spec: JobSpec, plan: Plan, out: JobOutput, status: _Status, t0: flo
                 job_id=status.job_id))
             summary.actors = pool.start()
             t_ready = time.time()
+            # each actor's own part of the start: imports, checkpoint, load, engine, tokenizer
+            status.extra["actor_start"] = [{k.removeprefix("start_"): float(v) for k, v in a.items()
+                                            if k.startswith("start_")} for a in summary.actors]
             status.pool, status.history.run.ready_at = pool, t_ready
 
             def on_done(res: UnitResult) -> None:

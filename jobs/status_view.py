@@ -120,6 +120,10 @@ def status_table(status: dict[str, Any] | None, history: dict[str, Any] | None =
     split = st.get("time_split") or {}
     if split:
         t.add_row("time split", ", ".join(f"{k[:-2]} {duration(v)}" for k, v in split.items() if v is not None))
+    starts = st.get("actor_start") or []
+    if starts:  # the slowest actor's start, part by part
+        slowest = max(starts, key=lambda a: sum(a.values()))
+        t.add_row("actor start", ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in slowest.items()))
     if st.get("error"):
         t.add_row("error", Text(str(st["error"]), style="red"))
     if st.get("run_id"):

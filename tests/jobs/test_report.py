@@ -75,6 +75,8 @@ def test_report_of_a_finished_job(ray_cluster, tiny_checkpoint, tmp_path, capsys
     split = {k: float(v) for k, v in summary.actors[0].items() if k.startswith("start_")}
     assert set(split) == {"start_import_s", "start_resolve_s", "start_load_s", "start_engine_s", "start_tokenizer_s"}
     assert all(v >= 0 for v in split.values()) and 0 < sum(split.values()) < ph["start_s"]
+    status = json.loads((out / "_hymba" / "status.json").read_text())
+    assert status["actor_start"] == [{k.removeprefix("start_"): v for k, v in split.items()}]
 
     hist = json.loads((out / "_hymba" / "history.json").read_text())
     (run,) = hist["runs"]

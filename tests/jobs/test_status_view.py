@@ -52,6 +52,14 @@ def test_any_state_is_shown_and_finished_jobs_have_no_eta() -> None:
     assert "failed" in done and "ETA" not in done and "u7 after 3 tries: boom" in done and "1 (100)" in done
 
 
+def test_the_slowest_actors_start_is_shown_part_by_part() -> None:
+    starts = [{"import_s": 1.0, "resolve_s": 0.0, "load_s": 0.5, "engine_s": 1.0, "tokenizer_s": 0.1},
+              {"import_s": 4.2, "resolve_s": 0.0, "load_s": 0.7, "engine_s": 1.5, "tokenizer_s": 0.1}]
+    text = _text(status_table(_doc(state="succeeded", actor_start=starts), None, now=1_500.0))
+    assert "actor start" in text and "import 4.2 s, resolve 0.0 s, load 0.7 s, engine 1.5 s, tokenizer 0.1 s" in text
+    assert "actor start" not in _text(status_table(_doc(), None, now=1_500.0))
+
+
 def test_status_of_a_running_then_finished_job(ray_cluster, tiny_checkpoint, tmp_path, capsys) -> None:
     src, out = tmp_path / "in", tmp_path / "out"
     total = write_articles(src, files=2, rows=8)
