@@ -17,7 +17,8 @@ Fixed protocol: seeded random prompts, fixed output lengths (EOS ignored), a war
 (uniform prompts, then a tenth of M: mixed lengths compile kernel variants of their own), the
 median of ``--repeats`` timed runs. ``--variants`` reruns each workload on engines with other
 settings in the same process (e.g. ``overlap=false``: the host/device overlap off;
-``ssm_state_dtype=float32``: the SSM state pools in fp32). Prints a table, then one JSON line last.
+``ssm_state_dtype=float32``: the SSM state pools in fp32; ``scan.BLOCK_E=32,scan.PREFETCH_BC=0``:
+the prefill scan's launch config). Prints a table, then one JSON line last.
 """
 
 from __future__ import annotations
@@ -99,15 +100,33 @@ def measure_ceilings() -> dict:
 
 
 def engine_overrides(variant: str) -> dict:
-    """'overlap=false,ssm_state_dtype=float32' -> EngineConfig fields (bools, ints, torch dtypes)."""
+    """'overlap=false,ssm_state_dtype=float32' -> EngineConfig fields (bools, ints, torch dtypes);
+    ``scan.KEY=VAL`` entries are the prefill scan's launch config (``scan_overrides``)."""
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     out: dict = {}
     for kv in filter(None, variant.split(",")):
         key, _, val = kv.partition("=")
+        if key.startswith("scan."):
+            continue
         if key not in fields:
             raise SystemExit(f"--variants: {key!r} is not an EngineConfig field ({', '.join(sorted(fields))})")
         out[key] = (val.lower() == "true" if val.lower() in ("true", "false") else getattr(torch, val)
                     if key.endswith("dtype") else None if val == "none" else int(val))
+    return out
+
+
+def scan_overrides(variant: str) -> dict:
+    """'scan.BLOCK_E=32,scan.PREFETCH_BC=0' -> SCAN_CONFIG entries (ints; 0/1 for the switches)."""
+    from hymba_batch.model.kernels import _scan_triton
+
+    out: dict = {}
+    for kv in filter(None, variant.split(",")):
+        key, _, val = kv.partition("=")
+        if key.startswith("scan."):
+            key = key.removeprefix("scan.")
+            if key not in _scan_triton.SCAN_CONFIG:
+                raise SystemExit(f"--variants: scan.{key} is not a SCAN_CONFIG key ({', '.join(_scan_triton.SCAN_CONFIG)})")
+            out[key] = bool(int(val)) if isinstance(_scan_triton.SCAN_CONFIG[key], bool) else int(val)
     return out
 
 
@@ -356,10 +375,13 @@ def main() -> None:
         names = a.workloads.split(",")
         floor_cache: dict[str, dict] = {}
         engine = None
+        from hymba_batch.model.kernels import _scan_triton
+        scan_default = dict(_scan_triton.SCAN_CONFIG)
         for variant in [""] + [v for v in a.variants.split(";") if v]:
             engine = None
             gc.collect()  # the last variant's engine: its CUDA graphs and caches sit in reference cycles
             torch.cuda.empty_cache()
+            _scan_triton.SCAN_CONFIG.update(scan_default | scan_overrides(variant))  # compiled in the warm-up
             engine = Engine(model, EngineConfig(**base | engine_overrides(variant)))
             result.setdefault("engine", {})[variant or "default"] = {
                 "slots": engine.cache.shape.num_slots, "blocks": engine.cache.shape.num_blocks,
@@ -402,6 +424,7 @@ def main() -> None:
                              f"x{r['ratio_to_bandwidth_floor']:.2f} bw floor", f"{r['peak_mem_gib']:.1f} GiB"))
                 print(*rows[-1], sep=" | ", flush=True)
                 dump()
+        _scan_triton.SCAN_CONFIG.update(scan_default)
         if a.baselines:
             result["bs1_G"] = bs1_baseline(model, 128, 512)
             rows.append(("bs1 G", f"{result['bs1_G']['gen_tok_per_s']:.1f} gen tok/s"))

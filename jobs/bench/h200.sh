@@ -6,6 +6,8 @@
 #                                      loading the checkpoint in a warm and in fresh processes
 #   bash jobs/bench/h200.sh scan       the prefill scan's launch configs at 16, 32 and 64 sequences of 1,024
 #                                      tokens (32 is a default prefill step's; about 2 minutes)
+#   bash jobs/bench/h200.sh tune       M and S on engines with other scan launch configs and 65,536 prompt tokens
+#                                      per prefill step, same run (about 7 minutes)
 #   bash jobs/bench/h200.sh prefill    M and S at 32,768 prompt tokens per prefill step (the engine's
 #                                      default), 16,384 and 65,536, same run
 #   bash jobs/bench/h200.sh baselines  S and G beside transformers generate (the cache that won before)
@@ -46,6 +48,11 @@ case "${1:-}" in
       tail -1 "$OUT/scan-sweep-$s.txt" > "$OUT/scan-sweep-$s.json"; grep "^scan_varlen" "$OUT/scan-sweep-$s.txt"
     done
     ;;
+  tune)  # the scan configs the static analysis favours, and a bigger prefill step, against the default
+    timeout 580 python3 -m hymba_batch.jobs.bench.engine --workloads M,S --repeats 1 \
+      --variants "scan.PREFETCH_BC=0;scan.BLOCK_E=32;scan.BLOCK_E=32,scan.PREFETCH_BC=0;scan.BLOCK_E=32,scan.UNROLL4=0;max_batch_tokens=65536" \
+      --json-out "$OUT/engine-tune.json" 2>&1 | grep -E "\||WARNING"
+    ;;
   prefill)  # tokens per prefill step around the engine's default
     timeout 400 python3 -m hymba_batch.jobs.bench.engine --workloads M,S --repeats 1 \
       --variants "max_batch_tokens=16384;max_batch_tokens=65536" --json-out "$OUT/engine-prefill-tokens.json" 2>&1 | grep "|"
@@ -69,5 +76,5 @@ case "${1:-}" in
       --cold-start --json-out "$OUT/cold-start.json" 2>&1 | tee "$OUT/cold-start.log" | grep "|" \
       || tail -20 "$OUT/cold-start.log"
     ;;
-  *) echo "usage: $0 engine|scan|prefill|baselines|enrich|pipeline|coldstart" >&2; exit 2 ;;
+  *) echo "usage: $0 engine|scan|tune|prefill|baselines|enrich|pipeline|coldstart" >&2; exit 2 ;;
 esac
