@@ -20,6 +20,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import ray
@@ -69,9 +70,30 @@ def in_flight_limit(slots: int, unit_rows: float) -> int:
 
 
 def forwarded_env() -> dict[str, str]:
+    """The driver's HYMBA_* and S3 settings the actors must see: all of them on a cluster someone
+    else started; on a local Ray this process started, only those its workers do not already
+    have (they inherit its raylet's environment). An actor with no environment of its own can
+    take one of Ray's prestarted worker processes: ~0.7 s less of its start on a 2-core CPU than
+    a fresh one for a runtime_env."""
     env = {k: v for k, v in os.environ.items() if k.startswith("HYMBA_")}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
-    return env
+    workers = _local_worker_env()
+    return env if workers is None else {k: v for k, v in env.items() if workers.get(k) != v}
+
+
+def _local_worker_env() -> dict[str, str] | None:
+    """The environment of the raylet of a local Ray this process started (its workers'), or None
+    (a cluster started elsewhere, or no /proc to read it from)."""
+    from ray._private import ray_constants, worker
+
+    procs = (getattr(worker._global_node, "all_processes", None) or {}).get(ray_constants.PROCESS_TYPE_RAYLET)
+    if not procs or getattr(procs[0], "process", None) is None:
+        return None
+    try:
+        raw = Path(f"/proc/{procs[0].process.pid}/environ").read_bytes()
+    except OSError:
+        return None
+    return dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
 
 
 class ActorPool:
@@ -84,7 +106,7 @@ class ActorPool:
         self.remote = ray.remote(InferenceActor).options(
             num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
             max_restarts=0, max_task_retries=0, max_concurrency=cfg.max_in_flight or MAX_AUTO_IN_FLIGHT,
-            scheduling_strategy="SPREAD", runtime_env={"env_vars": forwarded_env()})
+            scheduling_strategy="SPREAD", **({"runtime_env": {"env_vars": env}} if (env := forwarded_env()) else {}))
         self.actors: list[Any] = []
         self.generation: list[int] = []
         self.restarts = 0
