@@ -99,35 +99,27 @@ def measure_ceilings() -> dict:
     return {"matmul_bf16_flops": flops, "copy_bytes_per_s": bw}
 
 
-def engine_overrides(variant: str) -> dict:
-    """'overlap=false,ssm_state_dtype=float32' -> EngineConfig fields (bools, ints, torch dtypes);
-    ``scan.KEY=VAL`` entries are the prefill scan's launch config (``scan_overrides``)."""
-    fields = {f.name for f in dataclasses.fields(EngineConfig)}
-    out: dict = {}
-    for kv in filter(None, variant.split(",")):
-        key, _, val = kv.partition("=")
-        if key.startswith("scan."):
-            continue
-        if key not in fields:
-            raise SystemExit(f"--variants: {key!r} is not an EngineConfig field ({', '.join(sorted(fields))})")
-        out[key] = (val.lower() == "true" if val.lower() in ("true", "false") else getattr(torch, val)
-                    if key.endswith("dtype") else None if val == "none" else int(val))
-    return out
-
-
-def scan_overrides(variant: str) -> dict:
-    """'scan.BLOCK_E=32,scan.PREFETCH_BC=0' -> SCAN_CONFIG entries (ints; 0/1 for the switches)."""
+def variant_overrides(variant: str) -> tuple[dict, dict]:
+    """'overlap=false,ssm_state_dtype=float32,scan.BLOCK_E=32' -> (EngineConfig fields: bools,
+    ints, torch dtypes; SCAN_CONFIG entries of the ``scan.`` keys: ints, 0/1 for the switches)."""
     from hymba_batch.model.kernels import _scan_triton
 
-    out: dict = {}
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    engine: dict = {}
+    scan: dict = {}
     for kv in filter(None, variant.split(",")):
         key, _, val = kv.partition("=")
         if key.startswith("scan."):
             key = key.removeprefix("scan.")
             if key not in _scan_triton.SCAN_CONFIG:
                 raise SystemExit(f"--variants: scan.{key} is not a SCAN_CONFIG key ({', '.join(_scan_triton.SCAN_CONFIG)})")
-            out[key] = bool(int(val)) if isinstance(_scan_triton.SCAN_CONFIG[key], bool) else int(val)
-    return out
+            scan[key] = bool(int(val)) if isinstance(_scan_triton.SCAN_CONFIG[key], bool) else int(val)
+        elif key not in fields:
+            raise SystemExit(f"--variants: {key!r} is not an EngineConfig field ({', '.join(sorted(fields))})")
+        else:
+            engine[key] = (val.lower() == "true" if val.lower() in ("true", "false") else getattr(torch, val)
+                           if key.endswith("dtype") else None if val == "none" else int(val))
+    return engine, scan
 
 
 def run_workload(engine: Engine, name: str, prompts: list[list[int]], news: list[int], repeats: int) -> dict:
@@ -381,8 +373,9 @@ def main() -> None:
             engine = None
             gc.collect()  # the last variant's engine: its CUDA graphs and caches sit in reference cycles
             torch.cuda.empty_cache()
-            _scan_triton.SCAN_CONFIG.update(scan_default | scan_overrides(variant))  # compiled in the warm-up
-            engine = Engine(model, EngineConfig(**base | engine_overrides(variant)))
+            engine_kw, scan_kw = variant_overrides(variant)
+            _scan_triton.SCAN_CONFIG.update(scan_default | scan_kw)  # compiled in the warm-up
+            engine = Engine(model, EngineConfig(**base | engine_kw))
             result.setdefault("engine", {})[variant or "default"] = {
                 "slots": engine.cache.shape.num_slots, "blocks": engine.cache.shape.num_blocks,
                 "cache_gib": engine.cache.nbytes() / 2**30}
