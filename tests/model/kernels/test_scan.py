@@ -89,7 +89,7 @@ def test_scan_varlen_interpreter_odd_state_int32_slots(kernel_device):
                       slot_dtype=torch.int32, sliced=False)
 
 
-@pytest.mark.parametrize("cfg", [{"UNROLL4": False}, {"BLOCK_E": 64, "num_warps": 2}, {"PREFETCH_BC": False}], ids=str)
+@pytest.mark.parametrize("cfg", [{"UNROLL4": False}, {"BLOCK_E": 64, "num_warps": 2}, {"BLOCK_E": 16}], ids=str)
 def test_scan_varlen_interpreter_launch_configs(kernel_device, monkeypatch, cfg):
     # the plain-loop variant; a channel block wider than E (masked lanes), as on the GPU
     from hymba_batch.model.kernels import _scan_triton
@@ -137,8 +137,8 @@ def test_scan_varlen_gpu(kernel_device, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [{"PREFETCH_BC": False}, {"BLOCK_E": 32, "PREFETCH_BC": False},
-                                 {"BLOCK_E": 64, "num_warps": 2, "PREFETCH_BC": False}], ids=str)
+@pytest.mark.parametrize("cfg", [{"BLOCK_E": 64}, {"BLOCK_E": 16}, {"UNROLL4": False},
+                                 {"BLOCK_E": 64, "num_warps": 2}], ids=str)
 def test_scan_varlen_gpu_launch_configs(kernel_device, monkeypatch, cfg):
     # the launch configs the kernels bench sweeps, compiled (32 sequences: a default prefill step's)
     from hymba_batch.model.kernels import _scan_triton
