@@ -17,7 +17,7 @@ Fixed protocol: seeded random prompts, fixed output lengths (EOS ignored), a war
 (uniform prompts, then a tenth of M: mixed lengths compile kernel variants of their own), the
 median of ``--repeats`` timed runs. ``--variants`` reruns each workload on engines with other
 settings in the same process (e.g. ``overlap=false``: the host/device overlap off;
-``ssm_state_dtype=float32``: the SSM state pools in fp32; ``scan.BLOCK_E=32,scan.PREFETCH_BC=0``:
+``ssm_state_dtype=float32``: the SSM state pools in fp32; ``scan.BLOCK_E=64,scan.UNROLL4=0``:
 the prefill scan's launch config). Prints a table, then one JSON line last.
 """
 
@@ -101,7 +101,9 @@ def measure_ceilings() -> dict:
 
 def variant_overrides(variant: str) -> tuple[dict, dict]:
     """'overlap=false,ssm_state_dtype=float32,scan.BLOCK_E=32' -> (EngineConfig fields: bools,
-    ints, torch dtypes; SCAN_CONFIG entries of the ``scan.`` keys: ints, 0/1 for the switches)."""
+    ints, torch dtypes; SCAN_CONFIG entries of the ``scan.`` keys: ints, 0/1 for the switches).
+    ``scan_before=1`` runs the prefill scan kernel as last timed (``scan_before.py``): the
+    ``"before"`` entry of the second dict."""
     from hymba_batch.model.kernels import _scan_triton
 
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
@@ -114,6 +116,8 @@ def variant_overrides(variant: str) -> tuple[dict, dict]:
             if key not in _scan_triton.SCAN_CONFIG:
                 raise SystemExit(f"--variants: scan.{key} is not a SCAN_CONFIG key ({', '.join(_scan_triton.SCAN_CONFIG)})")
             scan[key] = bool(int(val)) if isinstance(_scan_triton.SCAN_CONFIG[key], bool) else int(val)
+        elif key == "scan_before":
+            scan["before"] = bool(int(val))
         elif key not in fields:
             raise SystemExit(f"--variants: {key!r} is not an EngineConfig field ({', '.join(sorted(fields))})")
         else:
@@ -368,13 +372,17 @@ def main() -> None:
         floor_cache: dict[str, dict] = {}
         engine = None
         from hymba_batch.model.kernels import _scan_triton
-        scan_default = dict(_scan_triton.SCAN_CONFIG)
+
+        from . import scan_before
+        scan_default, scan_now = dict(_scan_triton.SCAN_CONFIG), _scan_triton.selective_scan_varlen_triton
         for variant in [""] + [v for v in a.variants.split(";") if v]:
             engine = None
             gc.collect()  # the last variant's engine: its CUDA graphs and caches sit in reference cycles
             torch.cuda.empty_cache()
             engine_kw, scan_kw = variant_overrides(variant)
+            before = scan_kw.pop("before", False)
             _scan_triton.SCAN_CONFIG.update(scan_default | scan_kw)  # compiled in the warm-up
+            _scan_triton.selective_scan_varlen_triton = scan_before.selective_scan_varlen_triton if before else scan_now
             engine = Engine(model, EngineConfig(**base | engine_kw))
             result.setdefault("engine", {})[variant or "default"] = {
                 "slots": engine.cache.shape.num_slots, "blocks": engine.cache.shape.num_blocks,
@@ -418,6 +426,7 @@ def main() -> None:
                 print(*rows[-1], sep=" | ", flush=True)
                 dump()
         _scan_triton.SCAN_CONFIG.update(scan_default)
+        _scan_triton.selective_scan_varlen_triton = scan_now
         if a.baselines:
             result["bs1_G"] = bs1_baseline(model, 128, 512)
             rows.append(("bs1 G", f"{result['bs1_G']['gen_tok_per_s']:.1f} gen tok/s"))

@@ -4,10 +4,11 @@
 #   bash jobs/bench/h200.sh engine     GPU tests of the engine and kernels, the fused kernels against
 #                                      the torch ops they replace, S, M, G, L and a step profile, then
 #                                      loading the checkpoint in a warm and in fresh processes
-#   bash jobs/bench/h200.sh scan       the prefill scan's launch configs at 16, 32 and 64 sequences of 1,024
-#                                      tokens (32 is a default prefill step's; about 2 minutes)
-#   bash jobs/bench/h200.sh tune       M and S on engines with other scan launch configs and 65,536 prompt tokens
-#                                      per prefill step, same run (about 7 minutes)
+#   bash jobs/bench/h200.sh scan       the prefill scan against the kernel it replaced, and its launch configs,
+#                                      at 16, 32 and 64 sequences of 1,024 tokens (32 is a default prefill
+#                                      step's; about 2 minutes)
+#   bash jobs/bench/h200.sh tune       M and S on engines with the scan kernel it replaced, other launch configs
+#                                      and 65,536 prompt tokens per prefill step, same run (about 7 minutes)
 #   bash jobs/bench/h200.sh prefill    M and S at 32,768 prompt tokens per prefill step (the engine's
 #                                      default), 16,384 and 65,536, same run
 #   bash jobs/bench/h200.sh baselines  S and G beside transformers generate (the cache that won before)
@@ -48,9 +49,9 @@ case "${1:-}" in
       tail -1 "$OUT/scan-sweep-$s.txt" > "$OUT/scan-sweep-$s.json"; grep "^scan_varlen" "$OUT/scan-sweep-$s.txt"
     done
     ;;
-  tune)  # the scan configs the static analysis favours, and a bigger prefill step, against the default
+  tune)  # the scan kernel against the one it replaced; its launch rule (32 channels a warp) against 64, the plain loop and 16; a bigger prefill step
     timeout 580 python3 -m hymba_batch.jobs.bench.engine --workloads M,S --repeats 1 \
-      --variants "scan.PREFETCH_BC=0;scan.BLOCK_E=32;scan.BLOCK_E=32,scan.PREFETCH_BC=0;scan.BLOCK_E=32,scan.UNROLL4=0;max_batch_tokens=65536" \
+      --variants "scan_before=1;scan.BLOCK_E=64;scan.UNROLL4=0;scan.BLOCK_E=16;max_batch_tokens=65536" \
       --json-out "$OUT/engine-tune.json" 2>&1 | grep -E "\||WARNING"
     ;;
   prefill)  # tokens per prefill step around the engine's default

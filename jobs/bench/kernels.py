@@ -120,8 +120,9 @@ def main() -> None:
     mamba = _mamba_ops()
     rows = []
 
-    def record(op, shape, nbytes, fast_fn, ref_fn=None, ext=None, err=None, sweep=None):
+    def record(op, shape, nbytes, fast_fn, ref_fn=None, ext=None, err=None, sweep=None, before=None):
         ms = _bench(fast_fn)
+        before_ms = _bench(before) if before is not None else None  # the kernel this one replaced
         ref_ms = None if (ref_fn is None or a.no_ref) else _bench(ref_fn)
         ext_name, ext_ms = None, None
         if ext is not None:
@@ -149,11 +150,13 @@ def main() -> None:
                    frac_peak=nbytes / (ms * 1e-3) / PEAK_BPS, ref_ms=ref_ms,
                    speedup_vs_ref=(ref_ms / ms) if ref_ms else None, ext=ext_name, ext_ms=ext_ms,
                    rel_err_vs_ref=err, best_sweep_ms=best[0] if best else None,
-                   best_sweep_cfg=best[1] if best else None, sweep_ms=swept or None)
+                   best_sweep_cfg=best[1] if best else None, sweep_ms=swept or None, before_ms=before_ms,
+                   speedup_vs_before=(before_ms / ms) if before_ms else None)
         rows.append(row)
         f = lambda v, w=9, p=3: f"{v:{w}.{p}f}" if v is not None else f"{'-':>{w}}"  # noqa: E731
         print(f"{op:22} {shape:26} {nbytes / 1e6:9.1f} {f(ms)} {row['gbps']:8.0f} {f(ref_ms, 10)} "
               f"{f(row['speedup_vs_ref'], 8, 1)} {f(ext_ms)} {f(err, 9, 1) if err is None else f'{err:9.1e}'}"
+              + (f"  before {before_ms:.3f} ms ({before_ms / ms:.2f}x)" if before_ms else "")
               + (f"  best {best[0]:.3f} ms {best[1]}" if best else "")
               + (f"  [{ext_name}]" if ext_name else ""))
 
@@ -333,16 +336,19 @@ def main() -> None:
                 mu, md, A, mB, mC, D_.float(), mz, db.float(), delta_softplus=True, return_last_state=True))
         else:
             ext = ("selective_scan_fn", mamba["selective_scan_fn"])
-        # B and C prefetched 8 steps ahead (PREFETCH_BC) cost ~256 registers a thread: sm_90
-        # builds spill at 32 and 64 channels a warp; loaded at use, none spills
-        sweep = [(f"BE{be} w{nw} unroll{int(un)} prefetch_bc{int(pf)}", (lambda be=be, nw=nw, un=un, pf=pf: override(
-            _scan_triton.SCAN_CONFIG, BLOCK_E=be, num_warps=nw, UNROLL4=un, PREFETCH_BC=pf)))
-            for be in (16, 32, 64) for nw in (1, 2) for un, pf in ((True, True), (True, False), (False, True))]
+        # channels a warp (registers, so warps an SM, against instructions a channel) and the
+        # four-step groups that load u, delta and z ahead against the plain loop
+        sweep = [(f"BE{be} w{nw} unroll{int(un)}", (lambda be=be, nw=nw, un=un: override(
+            _scan_triton.SCAN_CONFIG, BLOCK_E=be, num_warps=nw, UNROLL4=un)))
+            for be in (16, 32, 64) for nw in (1, 2) for un in (True, False)]
         nbytes = 4 * T * E * esz + 2 * T * N * esz + 2 * Bs * E * N * 4
+        from . import scan_before  # the kernel as last timed (dbd7a74), in the same run
+        s3 = sst.clone()
         record("scan_varlen", f"[{T},{E}] N{N}", nbytes,
                lambda: _scan_triton.selective_scan_varlen_triton(*args, s1, slots),
-               lambda: selective_scan_varlen_ref(*args, s2, slots), ext=ext, err=err, sweep=sweep)
-        del u, delta, P, z, Bm, Cm, sst, s1, s2, got
+               lambda: selective_scan_varlen_ref(*args, s2, slots), ext=ext, err=err, sweep=sweep,
+               before=lambda: scan_before.selective_scan_varlen_triton(*args, s3, slots))
+        del u, delta, P, z, Bm, Cm, sst, s1, s2, s3, got
 
     # ---- selective state update (decode), on an fp32 and on a bf16 state pool
     if want("state_update"):
