@@ -5,8 +5,9 @@
 #                                      the torch ops they replace, S, M, G, L and a step profile, then
 #                                      loading the checkpoint in a warm and in fresh processes
 #   bash jobs/bench/h200.sh scan       the prefill scan against the kernel it replaced, and its launch configs,
-#                                      at 16, 32 and 64 sequences of 1,024 tokens (32 is a default prefill
-#                                      step's; about 2 minutes)
+#                                      and the prefill conv's tiles (its default spills: 240 bytes, sm_90
+#                                      static), at 16, 32 and 64 sequences of 1,024 tokens (32 is a default
+#                                      prefill step's; about 3 minutes)
 #   bash jobs/bench/h200.sh tune       M and S on engines with the scan kernel it replaced, other launch configs
 #                                      and 65,536 prompt tokens per prefill step, same run (about 7 minutes)
 #   bash jobs/bench/h200.sh prefill    M and S at 32,768 prompt tokens per prefill step (the engine's
@@ -44,9 +45,9 @@ case "${1:-}" in
     ;;
   scan)  # which BLOCK_E / warps / unrolling each prefill step's shape wants
     for s in 16 32 64; do
-      timeout 150 python3 -m hymba_batch.jobs.bench.kernels --seqs $s --seqlen 1024 --decode-B 1 --only scan_varlen \
+      timeout 170 python3 -m hymba_batch.jobs.bench.kernels --seqs $s --seqlen 1024 --decode-B 1 --only scan_varlen conv1d_varlen \
         --sweep --no-ref > "$OUT/scan-sweep-$s.txt" 2>&1
-      tail -1 "$OUT/scan-sweep-$s.txt" > "$OUT/scan-sweep-$s.json"; grep "^scan_varlen" "$OUT/scan-sweep-$s.txt"
+      tail -1 "$OUT/scan-sweep-$s.txt" > "$OUT/scan-sweep-$s.json"; grep -E "^(scan_varlen|conv1d_varlen)" "$OUT/scan-sweep-$s.txt"
     done
     ;;
   tune)  # the scan kernel against the one it replaced; its launch rule (32 channels a warp) against 64, the plain loop and 16; a bigger prefill step
