@@ -2,8 +2,8 @@
 twins of ``scan.selective_scan_varlen_ref`` / ``scan.selective_state_update_ref``.
 
 Prefill: one program per (sequence, block of ``BLOCK_E`` channels), a sequential loop over that
-sequence's tokens with the ``[BLOCK_E, N]`` fp32 state in registers, each thread holding whole
-channels. The state comes from and goes back to the fp32 pool ``state[slot]``. Each step loads
+sequence's tokens with the ``[BLOCK_E, N]`` fp32 state in registers (with Triton <= 3.6 each
+thread holds whole channels). The state comes from and goes back to the fp32 pool ``state[slot]``. Each step loads
 ``BLOCK_E`` values of u, delta and z (contiguous along channels) and the ``N`` values of B and C
 (fp32 rows, the same for every thread). The loop runs in groups of four steps with the next
 group's u, delta and z loaded before the current group is computed, so several steps of loads are
@@ -13,10 +13,12 @@ plain loop does the last < 4 steps. B and C are loaded at use: held eight steps 
 pre-scale done once per program (it compiles to ``ex2.approx``; inline ``ex2.approx.ftz`` PTX
 measured the same). The work is issue/exp-bound (N exps per channel per token), not
 bandwidth-bound: 64 x 1024 tokens took ~2.5 ms on an H200 (~0.7 TB/s of the minimum bytes).
-Static sm_90 counts (Triton 3.6) of the four-step loop, 32 channels a warp: 689 instructions, 167
-registers, no shared memory, no spill; before this layout (B and C widened from bf16 in the loop,
-A in a layout of its own, B and C loaded ahead) 1,035 instructions, 255 registers, 160 bytes of
-stack and two shared-memory round trips with barriers a step. Not yet timed.
+Static sm_90 counts of the four-step loop at 32 channels a warp (``jobs/bench/scan_static.py``;
+not yet timed): Triton 3.6, the H200 image's, 650 instructions, 134 registers, no shared memory,
+no spill, where the layout before (B and C widened from bf16 in the loop, A in a layout of its
+own, B and C loaded ahead) took 1,035 instructions, 255 registers, 160 bytes of stack and two
+shared-memory round trips with barriers a step; Triton 3.9, 738 instructions and 133 registers
+against 789 and 223 (three shared-memory round trips a step in both). See the A stride below.
 
 Decode: one program per (sequence, channel block); reads the slot's state, one step, writes it.
 No host syncs: the grid is (B, E/BLOCK_E) with B = len(cu_seqlens) - 1, each program loops to its
@@ -24,6 +26,8 @@ own sequence's length.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import triton
@@ -105,14 +109,21 @@ def _step(h, t, u, d, z, b_row, c_row, stride_bt, stride_ct, mask_n, A2, Dv, dbi
     return h
 
 
-# stride_sn and stride_an are never specialised. A unit stride would let the pool's dtype pick the
-# state's tile layout (bf16 pools got 8-wide vectors along N: 1,128 instructions per four steps
-# against 1,032 for fp32 pools), and A's contiguous rows gave A, and with it exp2(dt * A), a layout
-# of four states a thread, converted to the state's layout through shared memory with two barriers
-# every step. Unspecialised, A, the state and the step share one layout (a thread holds whole
-# channels): no shared memory or barrier in the loop, 837 instructions per four steps against 929
-# and 163 registers against 223 (sm_90, 32 channels a warp, Triton 3.6, static; not yet timed).
-@triton.jit(do_not_specialize=["stride_sn", "stride_an"])
+def _triton_before(major: int, minor: int) -> bool:
+    m = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return m is not None and (int(m.group(1)), int(m.group(2))) < (major, minor)
+
+
+# stride_sn is never specialised: a unit stride would let the pool's dtype pick the state's tile
+# layout (bf16 pools got 8-wide vectors along N: 1,128 instructions per four steps against 1,032
+# for fp32 pools). stride_an is left unspecialised only before Triton 3.7: there A's contiguous rows
+# gave A, and with it exp2(dt * A), a layout of four states a thread, converted to the state's
+# layout through shared memory with two barriers every step, and unspecialised A, the state and
+# the step share one layout (a thread holds whole channels; 32 channels a warp: 650 instructions
+# per four steps, 134 registers on 3.6; specialised 728 and 179). From 3.7 on the same kernel with
+# A unspecialised lays its tiles out along N (1,198-1,202 instructions, 214-216 registers), and
+# specialised it takes 738-756 and 128-133 (sm_90, static: jobs/bench/scan_static.py; not timed).
+@triton.jit(do_not_specialize=["stride_sn"] + (["stride_an"] if _triton_before(3, 7) else []))
 def _scan_varlen_kernel(u_ptr, d_ptr, z_ptr, y_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dbias_ptr,
                         cu_ptr, slot_ptr, state_ptr, E, N,
                         stride_ut, stride_dt, stride_zt, stride_yt,
