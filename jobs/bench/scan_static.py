@@ -2,8 +2,9 @@
 compiled by Triton for the target (the launch signature recorded from the engine, as
 ``model/precompile.py`` does), then the registers and stack ``cuobjdump`` reports and the
 instruction mix of the kernel's main loop (the longest backward branch in ``nvdisasm``'s SASS):
-local loads and stores (spills), shared-memory traffic and barriers (layout conversions),
-MUFU, FFMA, FMUL (the unrolled loop holds four steps, the plain one one). ``--before`` also compiles ``scan_before.py`` (the kernel as last timed).
+local loads and stores (spills), shared-memory traffic and barriers (layout conversions), MUFU,
+FFMA, FMUL (the unrolled loop holds four steps, the plain one one). ``--before`` also compiles
+``scan_before.py`` (the kernel as last timed).
 
 Registers decide warps an SM (65,536 registers an SM, allocated per warp in steps of 256), which
 bounds how much latency the loop can hide; instructions per step bound its issue rate. These are

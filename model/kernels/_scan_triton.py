@@ -2,17 +2,17 @@
 twins of ``scan.selective_scan_varlen_ref`` / ``scan.selective_state_update_ref``.
 
 Prefill: one program per (sequence, block of ``BLOCK_E`` channels), a sequential loop over that
-sequence's tokens with the ``[BLOCK_E, N]`` fp32 state in registers (with Triton <= 3.6 each
-thread holds whole channels). The state comes from and goes back to the fp32 pool ``state[slot]``. Each step loads
-``BLOCK_E`` values of u, delta and z (contiguous along channels) and the ``N`` values of B and C
-(fp32 rows, the same for every thread). The loop runs in groups of four steps with the next
-group's u, delta and z loaded before the current group is computed, so several steps of loads are
-in flight while the recurrence (a dependency chain) runs, and without per-step tail masks; a
-plain loop does the last < 4 steps. B and C are loaded at use: held eight steps ahead they took
-~256 registers a thread and spilled. ``exp(dt*A)`` is ``exp2(dt * (A*log2 e))`` with the
-pre-scale done once per program (it compiles to ``ex2.approx``; inline ``ex2.approx.ftz`` PTX
-measured the same). The work is issue/exp-bound (N exps per channel per token), not
-bandwidth-bound: 64 x 1024 tokens took ~2.5 ms on an H200 (~0.7 TB/s of the minimum bytes).
+sequence's tokens with the ``[BLOCK_E, N]`` fp32 state in registers (with Triton <= 3.6 each thread
+holds whole channels). The state comes from and goes back to the fp32 pool ``state[slot]``. Each
+step loads ``BLOCK_E`` values of u, delta and z (contiguous along channels) and the ``N`` values of
+B and C (fp32 rows, the same for every thread). The loop runs in groups of four steps with the next
+group's u, delta and z loaded before the current group is computed, so several steps of loads are in
+flight while the recurrence (a dependency chain) runs, and without per-step tail masks; a plain loop
+does the last < 4 steps. B and C are loaded at use: held eight steps ahead they took ~256 registers
+a thread and spilled. ``exp(dt*A)`` is ``exp2(dt * (A*log2 e))`` with the pre-scale done once per
+program (it compiles to ``ex2.approx``; inline ``ex2.approx.ftz`` PTX measured the same). The work
+is issue/exp-bound (N exps per channel per token), not bandwidth-bound: 64 x 1024 tokens took ~2.5
+ms on an H200 (~0.7 TB/s of the minimum bytes).
 Static sm_90 counts of the four-step loop at 32 channels a warp (``jobs/bench/scan_static.py``;
 not yet timed): Triton 3.6, the H200 image's, 650 instructions, 134 registers, no shared memory,
 no spill, where the layout before (B and C widened from bf16 in the loop, A in a layout of its
