@@ -154,14 +154,11 @@ class PromptBuilder:
 
     def encode(self, row: dict[str, Any], body: str) -> list[int]:
         """Token ids of the row's whole prompt with ``body`` as its text."""
-        return self._encode(row, body)
+        return self.codec.encode_prompts([self._full_text(self._message(row, body))], self.cfg.chat)[0]
 
     def fit(self, row: dict[str, Any], body: str, n_tokens: int) -> Prompt:
         """A prompt of ``n_tokens`` cut to the limit under the job's truncation policy."""
         return self.fit_all([(row, body, n_tokens)])[0]
-
-    def _encode(self, row: dict[str, Any], body: str) -> list[int]:
-        return self.codec.encode_prompts([self._full_text(self._message(row, body))], self.cfg.chat)[0]
 
     def fit_all(self, items: list[tuple[dict[str, Any], str, int]]) -> list[Prompt]:
         """``fit`` for many (row, body, n_tokens) at once: each round cuts every prompt still over
